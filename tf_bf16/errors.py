@@ -1,0 +1,43 @@
+"""Error types tf_bf16 raises: one base class so callers can catch everything we raise."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class TfBf16Error(Exception):
+    """Base class of every error tf_bf16 raises on purpose."""
+
+
+class ModelLoadError(TfBf16Error):
+    """A model could not be read; the message names the path and the problem."""
+
+    def __init__(self, path: Optional[str], problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class ModelSaveError(TfBf16Error):
+    """A model could not be written; nothing partial is left at the destination."""
+
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model uses something tf_bf16 cannot convert (control flow, >2 GB of weights...)."""
+
+
+class ConfigError(TfBf16Error):
+    """A YAML/dict config key or value is invalid; the message names the key and allowed values."""
+
+
+class UnsupportedHardwareError(TfBf16Error):
+    """BF16 was asked for on a CPU or TensorFlow build that cannot run it fast."""
+
+
+class GraphError(TfBf16Error):
+    """A GraphDef is malformed (dangling input, duplicate name, unknown op where one is required)."""

@@ -1,0 +1,154 @@
+"""`tf_bf16.Model`: one wrapper for every model kind tf_bf16 reads and writes.
+
+Any source (SavedModel directory, frozen ``.pb``/``.pbtxt``, Keras file or object, GraphDef,
+``tf.Graph``, ConcreteFunction) becomes a frozen GraphDef plus the names, dtypes and shapes of
+its inputs and outputs, so every pass works on one representation and the result can be
+saved back with the source's signature intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from tf_bf16 import model_io
+from tf_bf16.errors import ModelLoadError, ModelSaveError
+from tf_bf16.transforms import graph as graph_lib
+
+Feeds = Union[Mapping[str, Any], Sequence[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpecInfo:
+    """One signature entry: the graph tensor behind a signature key, its dtype and shape."""
+
+    name: str                      # tensor in the graph, canonical ("node" or "node:k")
+    dtype: str                     # numpy-style name: "float32", "int32" ...
+    shape: Optional[Tuple[Optional[int], ...]]  # None when the rank is unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """A serving signature: key plus ordered inputs and outputs keyed by signature name."""
+
+    key: str
+    inputs: Dict[str, TensorSpecInfo]
+    outputs: Dict[str, TensorSpecInfo]
+
+
+class Model:
+    """A frozen TensorFlow model with named inputs and outputs.
+
+    ``Model(source, inputs=None, outputs=None, signature="serving_default")`` accepts the
+    same kinds ``MixedPrecision.model`` does. ``run`` executes it; ``save`` writes a frozen
+    ``.pb``/``.pbtxt`` or a SavedModel whose signature equals the source's.
+    """
+
+    def __init__(self, source: Any, inputs: Optional[Sequence[str]] = None,
+                 outputs: Optional[Sequence[str]] = None, signature: str = "serving_default"):
+        if isinstance(source, Model):
+            loaded = model_io.LoadedGraph(source.graph_def, list(source.input_names),
+                                          list(source.output_names), source.signature, source.source_path)
+        else:
+            loaded = model_io.load(source, signature)
+        graph_def = loaded.graph_def
+        input_names = [graph_lib.node_name(n) for n in inputs] if inputs else loaded.input_names
+        output_names = [graph_lib.canonical_tensor(n) for n in outputs] if outputs else loaded.output_names
+        if input_names is None:
+            input_names = model_io.infer_inputs(graph_def)
+        if output_names is None:
+            output_names = model_io.infer_outputs(graph_def)
+        model_io.check_names(graph_def, input_names, output_names, loaded.source_path)
+        self._graph_def = graph_def
+        self.input_names: List[str] = list(input_names)
+        self.output_names: List[str] = list(output_names)
+        self.source_path: Optional[str] = loaded.source_path
+        sig = loaded.signature
+        if sig is not None and (inputs or outputs):
+            sig = None  # user-chosen I/O no longer matches the source signature
+        self.signature: Signature = sig or model_io.synthesize_signature(
+            graph_def, self.input_names, self.output_names, signature)
+        self.report: Dict[str, Any] = {}
+        self._session = None
+
+    # ------------------------------------------------------------------ graph
+
+    @property
+    def graph_def(self):
+        """The frozen GraphDef (treat as read-only; use ``with_graph_def`` to replace it)."""
+        return self._graph_def
+
+    def with_graph_def(self, graph_def, report: Optional[Dict[str, Any]] = None) -> "Model":
+        """A new Model with ``graph_def`` and this model's inputs, outputs and signature."""
+        other = Model.__new__(Model)
+        other._graph_def = graph_def
+        other.input_names = list(self.input_names)
+        other.output_names = list(self.output_names)
+        other.source_path = self.source_path
+        other.signature = self.signature
+        other.report = dict(report or {})
+        other._session = None
+        return other
+
+    # ------------------------------------------------------------------ run
+
+    def _ensure_session(self, session_config=None):
+        if self._session is None:
+            import tensorflow as tf
+            graph = tf.Graph()
+            with graph.as_default():
+                tf.graph_util.import_graph_def(self._graph_def, name="")
+            self._session = tf.compat.v1.Session(graph=graph, config=session_config)
+        return self._session
+
+    def run(self, feeds: Feeds, session_config=None) -> List[np.ndarray]:
+        """Execute the graph: feeds by input name (dict) or in input order (list)."""
+        if isinstance(feeds, Mapping):
+            unknown = sorted(set(feeds) - set(self.input_names))
+            if unknown:
+                raise KeyError(f"unknown input name(s) {unknown}; inputs are {self.input_names}")
+            missing = [n for n in self.input_names if n not in feeds]
+            if missing:
+                raise KeyError(f"missing feed(s) for input(s) {missing}")
+            ordered = [feeds[n] for n in self.input_names]
+        else:
+            ordered = list(feeds)
+            if len(ordered) != len(self.input_names):
+                raise ValueError(f"expected {len(self.input_names)} input(s) {self.input_names}, got {len(ordered)}")
+        session = self._ensure_session(session_config)
+        feed_dict = {_tensor(n): v for n, v in zip(self.input_names, ordered)}
+        return list(session.run([_tensor(n) for n in self.output_names], feed_dict=feed_dict))
+
+    __call__ = run
+
+    def close(self) -> None:
+        """Release the cached TensorFlow session."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write atomically: ``*.pb`` binary GraphDef, ``*.pbtxt`` text, anything else a SavedModel."""
+        path = os.fspath(path)
+        if self.source_path and os.path.abspath(path) == os.path.abspath(self.source_path):
+            raise ModelSaveError(path, "refusing to overwrite the input model; choose another output path")
+        if path.endswith(".pb") or path.endswith(".pbtxt"):
+            model_io.write_frozen(self._graph_def, path, text=path.endswith(".pbtxt"))
+        else:
+            model_io.write_saved_model(self._graph_def, self.signature, path)
+
+    def __repr__(self) -> str:
+        return (f"Model({len(self._graph_def.node)} nodes, inputs={self.input_names}, "
+                f"outputs={self.output_names})")
+
+
+def _tensor(name: str) -> str:
+    node, port, _ = graph_lib.parse_input(name)
+    return f"{node}:{port}"

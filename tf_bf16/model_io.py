@@ -1,0 +1,405 @@
+"""Reading every supported model kind into a frozen GraphDef, and writing one back atomically.
+
+Kept apart from ``model.py`` so the Model class stays a thin value object and the
+format-specific code (SavedModel, Keras, protobuf files) lives in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import logging
+from google.protobuf import message, text_format
+from tensorflow.core.framework import graph_pb2, tensor_shape_pb2, types_pb2
+
+from tf_bf16.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
+from tf_bf16.transforms import graph as graph_lib
+
+# A frozen GraphDef is one protobuf message, which cannot exceed 2 GiB.
+MAX_PROTO_BYTES = 2 * 1024 ** 3
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+SERVE_TAG = "serve"
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+
+@dataclasses.dataclass
+class LoadedGraph:
+    """What a loader produces; names are None when the source does not say."""
+
+    graph_def: graph_pb2.GraphDef
+    input_names: Optional[List[str]]
+    output_names: Optional[List[str]]
+    signature: Any  # tf_bf16.model.Signature or None
+    source_path: Optional[str]
+
+
+def load(source: Any, signature_key: str = "serving_default") -> LoadedGraph:
+    """Dispatch on the kind of ``source`` and return a frozen graph with I/O names."""
+    import tensorflow as tf
+
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(os.fspath(source), signature_key)
+    if isinstance(source, graph_pb2.GraphDef):
+        graph_def = graph_lib.copy_graph(source)
+        validate_graph(graph_def, None)
+        return LoadedGraph(graph_def, None, None, None, None)
+    if isinstance(source, tf.Graph):
+        graph_def = source.as_graph_def()
+        validate_graph(graph_def, None)
+        return LoadedGraph(graph_def, None, None, None, None)
+    if _is_keras_model(source):
+        return _freeze_keras(source, None, signature_key)
+    if _is_concrete_function(source):
+        return _freeze_function(source, None, signature_key, structured=False)
+    if hasattr(source, "get_concrete_function"):
+        try:
+            fn = source.get_concrete_function()
+        except Exception as exc:  # a tf.function without input_signature
+            raise ModelLoadError(None, f"cannot trace {type(source).__name__} without an input_signature: {exc}")
+        return _freeze_function(fn, None, signature_key, structured=False)
+    raise ModelLoadError(None, f"unsupported model source of type {type(source).__name__}; expected a "
+                               "SavedModel directory, .pb/.pbtxt, .keras/.h5, keras.Model, GraphDef, "
+                               "tf.Graph or ConcreteFunction")
+
+
+# ----------------------------------------------------------------------------- paths
+
+def _load_path(path: str, signature_key: str) -> LoadedGraph:
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        raise ModelLoadError(path, "no such file or directory")
+    if tf.io.gfile.isdir(path):
+        entries = tf.io.gfile.listdir(path)
+        if not entries:
+            raise ModelLoadError(path, "directory is empty; expected a SavedModel (saved_model.pb)")
+        if not any(f in entries for f in SAVED_MODEL_FILES):
+            raise ModelLoadError(path, "directory has no saved_model.pb, so it is not a SavedModel")
+        return _load_saved_model(path, signature_key)
+    lower = path.lower()
+    if lower.endswith((".keras", ".h5", ".hdf5")):
+        import keras
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as exc:
+            raise ModelLoadError(path, f"cannot load Keras model: {_first_line(exc)}")
+        return _freeze_keras(model, path, signature_key)
+    graph_def = read_graph_def(path)
+    validate_graph(graph_def, path)
+    return LoadedGraph(graph_def, None, None, None, path)
+
+
+def read_graph_def(path: str) -> graph_pb2.GraphDef:
+    """Parse a binary ``.pb`` (or text ``.pbtxt``) GraphDef, naming the path on failure."""
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ModelLoadError(path, "file is empty")
+    graph_def = graph_pb2.GraphDef()
+    if path.lower().endswith(".pbtxt"):
+        try:
+            text_format.Parse(data.decode("utf-8"), graph_def)
+        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(path, f"not a valid text GraphDef: {_first_line(exc)}")
+        return graph_def
+    try:
+        graph_def.ParseFromString(data)
+    except message.DecodeError as exc:
+        raise ModelLoadError(path, f"not a valid binary GraphDef (corrupt or truncated protobuf: {_first_line(exc)})")
+    return graph_def
+
+
+def validate_graph(graph_def: graph_pb2.GraphDef, path: Optional[str]) -> None:
+    """Reject empty graphs, dangling inputs (e.g. a truncated file) and unregistered ops."""
+    if not graph_def.node:
+        raise ModelLoadError(path, "GraphDef has no nodes (empty or not a GraphDef)")
+    names = set()
+    for node in graph_def.node:
+        if not node.name or not node.op:
+            raise ModelLoadError(path, "GraphDef has a node without a name or op (corrupt protobuf)")
+        if node.name in names:
+            raise ModelLoadError(path, f"GraphDef has two nodes named {node.name!r}")
+        names.add(node.name)
+    for node in graph_def.node:
+        for spec in node.input:
+            if graph_lib.node_name(spec) not in names:
+                raise ModelLoadError(path, f"node {node.name!r} reads {spec!r}, which is not in the graph "
+                                           "(truncated or incomplete GraphDef)")
+    sigs = graph_lib.OpSignatures(graph_def)
+    unknown = sorted({n.op for n in graph_def.node if sigs.op_def(n.op) is None})
+    if unknown:
+        raise ModelLoadError(path, f"unknown op(s) {unknown}: not registered in this TensorFlow "
+                                   "and not defined in the graph's function library")
+
+
+# ----------------------------------------------------------------------------- SavedModel
+
+def _load_saved_model(path: str, signature_key: str) -> LoadedGraph:
+    import tensorflow as tf
+
+    weights = _dir_bytes(os.path.join(path, "variables"))
+    if weights > MAX_PROTO_BYTES:
+        raise UnsupportedModelError(path, f"weights take {weights / 1024 ** 3:.2f} GiB; a frozen GraphDef is "
+                                          "limited to 2 GiB, so this model cannot be converted offline")
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as exc:
+        raise ModelLoadError(path, f"cannot load SavedModel: {_first_line(exc)}")
+    keys = sorted(loaded.signatures.keys())
+    if signature_key not in loaded.signatures:
+        raise ModelLoadError(path, f"no signature {signature_key!r}; available signatures: {keys or 'none'}")
+    return _freeze_function(loaded.signatures[signature_key], path, signature_key, structured=True)
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+# ----------------------------------------------------------------------------- freezing
+
+def _is_keras_model(obj: Any) -> bool:
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - keras ships with TF
+        return False
+    return isinstance(obj, keras.Model)
+
+
+def _is_concrete_function(obj: Any) -> bool:
+    return hasattr(obj, "structured_input_signature") and hasattr(obj, "graph") and hasattr(obj, "inputs")
+
+
+def _freeze_keras(model: Any, path: Optional[str], signature_key: str) -> LoadedGraph:
+    import tensorflow as tf
+
+    weight_bytes = sum(int(w.numpy().nbytes) for w in model.weights)
+    if weight_bytes > MAX_PROTO_BYTES:
+        raise UnsupportedModelError(path, f"Keras model weights take {weight_bytes / 1024 ** 3:.2f} GiB; a frozen "
+                                          "GraphDef is limited to 2 GiB")
+    try:
+        inputs = list(model.inputs)
+    except (AttributeError, ValueError):
+        inputs = []
+    if not inputs:
+        raise ModelLoadError(path, "Keras model has no defined inputs (build or call it on data first)")
+    names = [_keras_input_name(t, i) for i, t in enumerate(inputs)]
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=n) for t, n in zip(inputs, names)]
+
+    def serve(*args):
+        return model(list(args) if len(args) > 1 else args[0], training=False)
+
+    fn = tf.function(serve).get_concrete_function(*specs)
+    return _freeze_function(fn, path, signature_key, structured=False, input_keys=names)
+
+
+def _keras_input_name(tensor: Any, index: int) -> str:
+    name = getattr(tensor, "name", "") or f"input_{index}"
+    return name.split(":")[0]
+
+
+def _freeze_function(fn: Any, path: Optional[str], signature_key: str, structured: bool,
+                     input_keys: Optional[Sequence[str]] = None) -> LoadedGraph:
+    """Inline variables as constants and record the function's signature."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tf_bf16.model import Signature, TensorSpecInfo
+
+    var_bytes = sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in getattr(fn, "variables", ()))
+    if var_bytes > MAX_PROTO_BYTES:
+        raise UnsupportedModelError(path, f"weights take {var_bytes / 1024 ** 3:.2f} GiB; a frozen GraphDef is "
+                                          "limited to 2 GiB")
+    try:
+        frozen = convert_variables_to_constants_v2(fn)
+    except Exception as exc:
+        raise UnsupportedModelError(path, f"cannot freeze the model's variables: {_first_line(exc)}")
+    graph_def = frozen.graph.as_graph_def()
+    if graph_def.ByteSize() > MAX_PROTO_BYTES:  # pragma: no cover - guarded above
+        raise UnsupportedModelError(path, "frozen graph exceeds the 2 GiB protobuf limit")
+
+    in_tensors = [t for t in frozen.inputs if t.dtype != tf.resource]
+    input_names = [t.op.name for t in in_tensors]
+    flat_specs = [s for s in tf.nest.flatten(fn.structured_input_signature) if isinstance(s, tf.TensorSpec)]
+    if structured and isinstance(fn.structured_input_signature[1], dict) and fn.structured_input_signature[1]:
+        keys = sorted(fn.structured_input_signature[1].keys())
+    elif input_keys is not None:
+        keys = list(input_keys)
+    else:
+        keys = [s.name or n for s, n in zip(flat_specs, input_names)] or input_names
+    if len(keys) != len(in_tensors):
+        keys = input_names
+    sig_inputs = {k: TensorSpecInfo(t.op.name, t.dtype.name, _shape_tuple(t.shape))
+                  for k, t in zip(keys, in_tensors)}
+
+    outputs = frozen.structured_outputs
+    if isinstance(outputs, dict):
+        out_items = sorted(outputs.items())
+    else:
+        flat = tf.nest.flatten(outputs)
+        out_items = [("output_0" if len(flat) == 1 else f"output_{i}", t) for i, t in enumerate(flat)]
+    sig_outputs = {k: TensorSpecInfo(graph_lib.canonical_tensor(t.name), t.dtype.name, _shape_tuple(t.shape))
+                   for k, t in out_items}
+    output_names = [spec.name for spec in sig_outputs.values()]
+    signature = Signature(signature_key, sig_inputs, sig_outputs)
+    return LoadedGraph(graph_def, input_names, output_names, signature, path)
+
+
+def _shape_tuple(shape: Any) -> Optional[Tuple[Optional[int], ...]]:
+    if shape is None or shape.rank is None:
+        return None
+    return tuple(shape.as_list())
+
+
+# ----------------------------------------------------------------------------- bare graphs
+
+def infer_inputs(graph_def: graph_pb2.GraphDef) -> List[str]:
+    """Placeholders, in graph order: the feeds of a bare GraphDef."""
+    return [n.name for n in graph_def.node if n.op == "Placeholder"]
+
+
+def infer_outputs(graph_def: graph_pb2.GraphDef) -> List[str]:
+    """Nodes nothing consumes (excluding Const, NoOp and Placeholders): the fetches."""
+    index = graph_lib.GraphIndex(graph_def)
+    skip = {"Const", "NoOp", "Placeholder", "Assert", "SaveV2", "RestoreV2"}
+    return [n.name for n in graph_def.node if n.op not in skip and not index.has_consumers(n.name)]
+
+
+def check_names(graph_def: graph_pb2.GraphDef, inputs: Sequence[str], outputs: Sequence[str],
+                path: Optional[str]) -> None:
+    """Every named input and output must exist in the graph."""
+    names = {n.name for n in graph_def.node}
+    for kind, items in (("input", inputs), ("output", outputs)):
+        missing = [x for x in items if graph_lib.node_name(x) not in names]
+        if missing:
+            raise ModelLoadError(path, f"{kind}(s) {missing} not found in the graph")
+    if not outputs:
+        raise ModelLoadError(path, "could not find any output; pass outputs=[...]")
+
+
+def synthesize_signature(graph_def: graph_pb2.GraphDef, inputs: Sequence[str], outputs: Sequence[str],
+                         key: str) -> Any:
+    """A signature for a bare graph: keys are the node names, dtypes/shapes from the graph."""
+    import tensorflow as tf
+    from tf_bf16.model import Signature, TensorSpecInfo
+
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+
+    def info(name: str) -> TensorSpecInfo:
+        node, port, _ = graph_lib.parse_input(name)
+        t = graph.get_tensor_by_name(f"{node}:{port}")
+        return TensorSpecInfo(graph_lib.tensor_name(node, port), t.dtype.name, _shape_tuple(t.shape))
+
+    def sig_key(name: str) -> str:
+        return name.replace(":", "_").replace("/", "_")
+
+    return Signature(key, {sig_key(n): info(n) for n in inputs}, {sig_key(n): info(n) for n in outputs})
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_frozen(graph_def: graph_pb2.GraphDef, path: str, text: bool = False) -> None:
+    """Write a GraphDef to ``path`` through a temp file and an atomic rename."""
+    import tensorflow as tf
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not tf.io.gfile.isdir(parent):
+        raise ModelSaveError(path, f"output directory {parent} does not exist")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if text:
+            with tf.io.gfile.GFile(tmp, "w") as f:
+                f.write(text_format.MessageToString(graph_def))
+        else:
+            with tf.io.gfile.GFile(tmp, "wb") as f:
+                f.write(graph_def.SerializeToString())
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except Exception as exc:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+        if isinstance(exc, ModelSaveError):
+            raise
+        raise ModelSaveError(path, f"cannot write: {_first_line(exc)}")
+
+
+def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) -> None:
+    """Write a SavedModel (tag ``serve``) whose signature keys, names, dtypes and shapes are ``signature``'s.
+
+    The graph holds only constants, so the SavedModel has an empty variables folder; it is
+    built in a sibling temp directory and moved into place, replacing ``path`` only at the end.
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not tf.io.gfile.isdir(parent):
+        raise ModelSaveError(path, f"output directory {parent} does not exist")
+    if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+        raise ModelSaveError(path, "exists and is not a directory")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+
+    def tensor_info(spec: Any) -> meta_graph_pb2.TensorInfo:
+        node, port, _ = graph_lib.parse_input(spec.name)
+        info = meta_graph_pb2.TensorInfo(name=f"{node}:{port}", dtype=tf.as_dtype(spec.dtype).as_datatype_enum)
+        if spec.shape is None:
+            info.tensor_shape.unknown_rank = True
+        else:
+            for d in spec.shape:
+                info.tensor_shape.dim.add(size=-1 if d is None else d)
+        return info
+
+    sig_def = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+    for k, spec in signature.inputs.items():
+        sig_def.inputs[k].CopyFrom(tensor_info(spec))
+    for k, spec in signature.outputs.items():
+        sig_def.outputs[k].CopyFrom(tensor_info(spec))
+    try:
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.graph_util.import_graph_def(graph_def, name="")
+            with tf.compat.v1.Session(graph=graph) as sess:
+                builder = tf.compat.v1.saved_model.Builder(tmp)
+                builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={signature.key: sig_def},
+                                                     strip_default_attrs=False)
+                builder.save()
+        _replace_dir(tmp, path)
+    except Exception as exc:
+        if tf.io.gfile.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, ModelSaveError):
+            raise
+        raise ModelSaveError(path, f"cannot write SavedModel: {_first_line(exc)}")
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    """Move ``tmp`` to ``path``; an existing ``path`` is only removed once the new one is in place."""
+    backup = None
+    if os.path.exists(path):
+        backup = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, backup)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if backup:
+            os.rename(backup, path)
+        raise
+    if backup:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,1 @@
+"""Grappler-style GraphDef passes: one pass per module, shared helpers in ``graph``."""

@@ -1,0 +1,353 @@
+"""BF16Convert: paint a frozen FP32 graph BF16 where safe and worth it, then insert Casts.
+
+The paint works on (node, type attribute) vertices, so FusedBatchNormV3 can be BF16 on ``T``
+and FP32 on ``U``. ALLOW ops (and nodes the plan forces BF16) seed BF16 islands, which grow
+depth-first in both directions through INFER and CLEAR vertices, so Casts appear only at
+island borders. DENY ops, normalization statistics and INFER ops they feed stay FP32, as do
+nodes the plan forces FP32, graph inputs/outputs, control-flow frames, function calls and
+unknown ops. The result does not depend on node order. FP32 Consts feeding BF16 vertices
+become BF16 Consts offline (one converted copy per Const). Every FP32-kept float node is
+recorded with its reason in ``decisions``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Dict, List, Optional, Set, Tuple
+
+from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+from tf_bf16.transforms import graph as g
+from tf_bf16.transforms.norm_stats import normalization_statistics
+from tf_bf16.transforms.op_classes import FP32_ONLY_ATTRS, OpClass, op_class
+from tf_bf16.transforms.plan import BF16, FP32, PrecisionPlan
+
+Vertex = Tuple[str, str]  # (node name, TypeSlot.key)
+
+FRAME_OPS = frozenset({"Enter", "RefEnter"})
+FRAME_EXITS = frozenset({"Exit", "RefExit"})
+COND_OPS = frozenset({"Switch", "RefSwitch"})
+COND_EXITS = frozenset({"Merge", "RefMerge"})
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall", "While", "StatelessWhile", "If",
+                      "StatelessIf", "Case", "StatelessCase"})
+SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "Const"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Final precision of one float node and, for FP32 ones, why."""
+
+    precision: str
+    reason: str = ""
+
+
+class BF16Convert:
+    """One conversion of one graph: ``BF16Convert(graph_def, plan).do_transformation()``.
+
+    Holds only per-run state, so several conversions can run side by side.
+    """
+
+    def __init__(self, graph_def: graph_pb2.GraphDef, plan: PrecisionPlan):
+        self.graph_def = g.copy_graph(graph_def)
+        self.plan = plan
+        self.index = g.GraphIndex(self.graph_def)
+        self.sigs = g.OpSignatures(self.graph_def)
+        self.decisions: Dict[str, Decision] = {}
+        self.casts_added = {"to_bf16": 0, "to_fp32": 0}
+        self.consts_converted = 0
+        self._in_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
+        self._out_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
+
+    # ------------------------------------------------------------------ public
+
+    def do_transformation(self) -> graph_pb2.GraphDef:
+        """Paint, rewrite dtype attrs and insert Casts; returns a new GraphDef."""
+        for node in self.graph_def.node:
+            self._in_slots[node.name] = self.sigs.input_slots(node)
+            self._out_slots[node.name] = self.sigs.output_slots(node)
+        float_vertices = self._float_vertices()
+        blocked = self._blocked_vertices(float_vertices)
+        painted = self._paint(float_vertices, blocked)
+        self._record_decisions(float_vertices, blocked, painted)
+        return self._rewrite(painted)
+
+    # ------------------------------------------------------------------ vertices
+
+    def _float_vertices(self) -> Dict[Vertex, g.TypeSlot]:
+        """Every float32 type-attr vertex of a non-Const, non-Cast node."""
+        out: Dict[Vertex, g.TypeSlot] = {}
+        for node in self.graph_def.node:
+            if node.op in SOURCE_OPS or node.op == "Cast":
+                continue
+            for slot in self.sigs.type_attrs(node):
+                if g.slot_dtype(node, slot) == g.FLOAT and self._slot_carries_data(node, slot):
+                    out[(node.name, slot.key)] = slot
+        return out
+
+    def _slot_carries_data(self, node: node_def_pb2.NodeDef, slot: g.TypeSlot) -> bool:
+        ins = self._in_slots.get(node.name) or []
+        outs = self._out_slots.get(node.name) or []
+        return any(s.key == slot.key for s in ins) or any(s.key == slot.key for s in outs)
+
+    def _blocked_vertices(self, vertices: Dict[Vertex, g.TypeSlot]) -> Dict[Vertex, str]:
+        """Vertices that may not be BF16, with the reason (taint handled in ``_paint``)."""
+        blocked: Dict[Vertex, str] = {}
+        protected = self.plan.protected
+        control_flow = self._control_flow_nodes()
+        for (name, key), slot in vertices.items():
+            node = self.index[name]
+            forced = self.plan.forced(name, node.op)
+            cls = op_class(node.op)
+            reason = None
+            if name in protected:
+                reason = "graph input/output keeps its dtype"
+            elif name in control_flow:
+                reason = control_flow[name]
+            elif self.sigs.is_function(node.op) or node.op in CALL_OPS:
+                reason = "function call: its body is not converted"
+            elif forced == FP32:
+                reason = "forced FP32 by config"
+            elif cls is None and forced != BF16:
+                reason = f"op {node.op} is not in tf_bf16's op lists"
+            elif cls is OpClass.DENY and forced != BF16:
+                reason = f"op {node.op} is numerically unsafe in BF16 (deny list)"
+            elif slot.attr in FP32_ONLY_ATTRS.get(node.op, ()):
+                reason = f"attr {slot.attr} of {node.op} only runs in FP32"
+            elif not self._dtype_allows_bf16(node.op, slot.attr):
+                reason = f"{node.op}'s OpDef does not allow bfloat16 for {slot.attr}"
+            elif not self.plan.kernel_has_bf16(node.op, slot.attr):
+                reason = f"no CPU bfloat16 kernel for {node.op} (attr {slot.attr}) in this TensorFlow"
+            elif not self._all_slots_float(node, slot):
+                reason = f"attr {slot.attr} also types a non-float32 tensor"
+            if reason:
+                blocked[(name, key)] = reason
+        return blocked
+
+    def _dtype_allows_bf16(self, op: str, attr: str) -> bool:
+        allowed = self.sigs.allowed_types(op, attr)
+        return allowed is None or g.BFLOAT16 in allowed
+
+    def _all_slots_float(self, node: node_def_pb2.NodeDef, slot: g.TypeSlot) -> bool:
+        # A fixed-type slot never shares an attr; an attr slot's dtype is the attr's.
+        return g.slot_dtype(node, slot) == g.FLOAT
+
+    def _control_flow_nodes(self) -> Dict[str, str]:
+        """Nodes inside v1 while-loop frames or cond branches: FP32, with the reason."""
+        out: Dict[str, str] = {}
+        for starts, stops, reason in ((FRAME_OPS, FRAME_EXITS, "inside a while-loop frame"),
+                                      (COND_OPS, COND_EXITS, "inside a cond branch (Switch/Merge)")):
+            stack = [n.name for n in self.graph_def.node if n.op in starts]
+            seen: Set[str] = set()
+            while stack:
+                name = stack.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                out.setdefault(name, reason)
+                if self.index[name].op in stops:
+                    continue
+                for consumer, _ in self.index.consumers(name):
+                    stack.append(consumer.name)
+                for consumer in self.index.control_consumers(name):
+                    stack.append(consumer.name)
+        return out
+
+    # ------------------------------------------------------------------ edges
+
+    def _edges(self, vertices: Dict[Vertex, g.TypeSlot]):
+        """Adjacency between float vertices along data edges: (successors, predecessors)."""
+        succ: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+        pred: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+        for node in self.graph_def.node:
+            in_slots = self._in_slots.get(node.name)
+            if not in_slots:
+                continue
+            for i, spec in enumerate(node.input):
+                src, port, control = g.parse_input(spec)
+                if control or i >= len(in_slots):
+                    continue
+                dst_v = (node.name, in_slots[i].key)
+                out_slots = self._out_slots.get(src)
+                if not out_slots or port >= len(out_slots):
+                    continue
+                src_v = (src, out_slots[port].key)
+                if src_v in vertices and dst_v in vertices:
+                    succ[src_v].append(dst_v)
+                    pred[dst_v].append(src_v)
+        return succ, pred
+
+    # ------------------------------------------------------------------ paint
+
+    def _paint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str]) -> Set[Vertex]:
+        succ, pred = self._edges(vertices)
+        stats = normalization_statistics(self.index)
+        for v in vertices:
+            if v[0] in stats and v not in blocked and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
+                blocked[v] = "normalization statistic kept FP32 (mean/variance of a tensor)"
+        self._taint(vertices, blocked, succ)
+
+        def cls(v: Vertex) -> Optional[OpClass]:
+            return op_class(self.index[v[0]].op)
+
+        seeds = [v for v in vertices if v not in blocked and
+                 (cls(v) is OpClass.ALLOW or self.plan.forced(v[0], self.index[v[0]].op) == BF16)]
+        painted: Set[Vertex] = set()
+        stack = list(seeds)
+        while stack:
+            v = stack.pop()
+            if v in painted:
+                continue
+            painted.add(v)
+            for w in succ.get(v, []) + pred.get(v, []):
+                if w not in painted and w not in blocked and cls(w) in (OpClass.INFER, OpClass.CLEAR, OpClass.ALLOW):
+                    stack.append(w)
+        # Every vertex of a node moves together when they are linked by data (e.g. Select's T):
+        # vertices are independent attrs, so nothing else to do here.
+        return painted
+
+    def _taint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str],
+               succ: Dict[Vertex, List[Vertex]]) -> None:
+        """INFER vertices fed (through CLEAR/INFER ops) by an FP32-only source stay FP32.
+
+        Sources are deny ops and normalization statistics. CLEAR vertices on such a path stay
+        FP32 only when they lead to a tainted INFER vertex, so a CLEAR op feeding a matmul can
+        still go BF16.
+        """
+        def cls(v):
+            return op_class(self.index[v[0]].op)
+
+        sources = [v for v, why in blocked.items()
+                   if cls(v) is OpClass.DENY or why.startswith("normalization statistic")]
+        reached: Dict[Vertex, Vertex] = {}
+        stack = [(w, s) for s in sources for w in succ.get(s, ())]
+        while stack:
+            v, origin = stack.pop()
+            if v in reached or v in blocked or cls(v) not in (OpClass.INFER, OpClass.CLEAR):
+                continue
+            if self.plan.forced(v[0], self.index[v[0]].op) == BF16:
+                continue
+            reached[v] = origin
+            stack.extend((w, origin) for w in succ.get(v, ()))
+        tainted_infer = [v for v in reached if cls(v) is OpClass.INFER]
+        keep = set(tainted_infer)
+        # CLEAR vertices in ``reached`` that lead to a tainted INFER vertex.
+        pred_in_reached: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+        for v in reached:
+            for w in succ.get(v, ()):
+                if w in reached:
+                    pred_in_reached[w].append(v)
+        stack = list(tainted_infer)
+        while stack:
+            v = stack.pop()
+            for p in pred_in_reached.get(v, ()):
+                if p not in keep:
+                    keep.add(p)
+                    stack.append(p)
+        for v in keep:
+            origin = reached[v][0]
+            blocked[v] = f"fed by FP32-only node {origin}"
+
+    # ------------------------------------------------------------------ report
+
+    def _record_decisions(self, vertices, blocked, painted) -> None:
+        per_node: Dict[str, List[Vertex]] = collections.defaultdict(list)
+        for v in vertices:
+            per_node[v[0]].append(v)
+        for name, vs in per_node.items():
+            if any(v in painted for v in vs):
+                fp32_attrs = [v[1] for v in vs if v not in painted]
+                note = f"attrs {fp32_attrs} stay FP32" if fp32_attrs else ""
+                self.decisions[name] = Decision(BF16, note)
+                continue
+            reasons = [blocked[v] for v in vs if v in blocked]
+            reason = reasons[0] if reasons else "no BF16 neighbour: converting it would only add Casts"
+            self.decisions[name] = Decision(FP32, reason)
+
+    # ------------------------------------------------------------------ rewrite
+
+    def _rewrite(self, painted: Set[Vertex]) -> graph_pb2.GraphDef:
+        for name, key in painted:
+            node = self.index[name]
+            for slot in self.sigs.type_attrs(node):
+                if slot.key == key:
+                    g.set_slot_dtype(node, slot, g.BFLOAT16)
+        existing = dict(self.index.nodes)
+        new_nodes: List[node_def_pb2.NodeDef] = []
+        casts: Dict[Tuple[str, int, int], str] = {}
+        const_copies: Dict[str, str] = {}
+        const_consumers = self._const_bf16_demand()
+        for node in list(self.graph_def.node):
+            in_slots = self._in_slots.get(node.name)
+            if not in_slots:
+                continue
+            for i, spec in enumerate(node.input):
+                src, port, control = g.parse_input(spec)
+                if control or i >= len(in_slots):
+                    continue
+                want = g.slot_dtype(node, in_slots[i])
+                producer = self.index[src]
+                have = self._output_dtype(producer, port)
+                if want == have or {want, have} != {g.FLOAT, g.BFLOAT16}:
+                    continue
+                if producer.op == "Const" and want == g.BFLOAT16 and src not in self.plan.protected:
+                    node.input[i] = self._bf16_const(producer, const_consumers, const_copies, existing, new_nodes)
+                    continue
+                key = (src, port, want)
+                if key not in casts:
+                    suffix = "CastToBf16" if want == g.BFLOAT16 else "CastToFp32"
+                    cast_name = g.unique_name(existing, f"{src}/{suffix}" + (f"_{port}" if port else ""))
+                    cast = g.make_cast(cast_name, g.tensor_name(src, port), have, want, device=producer.device)
+                    existing[cast_name] = cast
+                    new_nodes.append(cast)
+                    casts[key] = cast_name
+                    self.casts_added["to_bf16" if want == g.BFLOAT16 else "to_fp32"] += 1
+                node.input[i] = casts[key]
+        self.graph_def.node.extend(new_nodes)
+        return self.graph_def
+
+    def _output_dtype(self, node: node_def_pb2.NodeDef, port: int) -> int:
+        if node.op == "Const":
+            return node.attr["dtype"].type
+        slots = self._out_slots.get(node.name)
+        if not slots or port >= len(slots):
+            return -1
+        return g.slot_dtype(node, slots[port])
+
+    def _const_bf16_demand(self) -> Dict[str, bool]:
+        """For each float32 Const: True when every data consumer now wants BF16."""
+        demand: Dict[str, bool] = {}
+        for node in self.graph_def.node:
+            if node.op != "Const" or node.attr["dtype"].type != g.FLOAT:
+                continue
+            wants = []
+            for consumer, i in self.index.consumers(node.name, 0):
+                slots = self._in_slots.get(consumer.name)
+                wants.append(bool(slots) and i < len(slots) and g.slot_dtype(consumer, slots[i]) == g.BFLOAT16)
+            demand[node.name] = bool(wants) and all(wants) and not self.index.control_consumers(node.name)
+        return demand
+
+    def _bf16_const(self, const: node_def_pb2.NodeDef, demand: Dict[str, bool], copies: Dict[str, str],
+                    existing: Dict[str, node_def_pb2.NodeDef], new_nodes: List[node_def_pb2.NodeDef]) -> str:
+        """Name of a BF16 version of ``const``: converted in place when all consumers want BF16."""
+        if const.name in copies:
+            return copies[const.name]
+        value = g.const_value(const)
+        if demand.get(const.name):
+            converted = g.make_const(const.name, value, g.BFLOAT16, device=const.device)
+            const.attr["dtype"].type = g.BFLOAT16
+            const.attr["value"].CopyFrom(converted.attr["value"])
+            copies[const.name] = const.name
+        else:
+            name = g.unique_name(existing, f"{const.name}/bf16")
+            copy = g.make_const(name, value, g.BFLOAT16, device=const.device)
+            existing[name] = copy
+            new_nodes.append(copy)
+            copies[const.name] = name
+        self.consts_converted += 1
+        return copies[const.name]
+
+
+def bf16_convert(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+    """Convert ``graph_def`` to mixed BF16/FP32 following ``plan`` (see ``BF16Convert``)."""
+    return BF16Convert(graph_def, plan).do_transformation()

@@ -1,0 +1,387 @@
+"""Shared GraphDef toolkit every pass builds on.
+
+One index over a GraphDef (node by name, consumers per output port, control edges,
+topological order), dtype-slot resolution through TensorFlow's own ``op_def_registry``
+(which type attribute governs each input and output of a node), and small node builders.
+Passes never re-implement these; they import them from here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
+from tensorflow.python.framework import op_def_registry, tensor_util
+
+FLOAT = types_pb2.DT_FLOAT
+BFLOAT16 = types_pb2.DT_BFLOAT16
+
+# Ops whose output value does not depend only on their inputs, or that touch state;
+# constant folding and dead-node removal must never treat them as pure.
+STATEFUL_SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "PlaceholderV2", "_Arg"})
+
+
+def parse_input(spec: str) -> Tuple[str, int, bool]:
+    """Split an input string (``name``, ``name:1`` or ``^name``) into (node, port, is_control)."""
+    if spec.startswith("^"):
+        return spec[1:], -1, True
+    name, sep, port = spec.rpartition(":")
+    if sep and port.isdigit():
+        return name, int(port), False
+    return spec, 0, False
+
+
+def node_name(spec: str) -> str:
+    """The producing node's name of an input or tensor string."""
+    return parse_input(spec)[0]
+
+
+def tensor_name(node: str, port: int = 0) -> str:
+    """Canonical input string for output ``port`` of ``node`` (``name`` for port 0)."""
+    return node if port == 0 else f"{node}:{port}"
+
+
+def canonical_tensor(spec: str) -> str:
+    """Normalise ``x:0`` to ``x`` so tensor names compare equal however they were written."""
+    name, port, control = parse_input(spec)
+    return "^" + name if control else tensor_name(name, port)
+
+
+class GraphIndex:
+    """Read-mostly index over a GraphDef: lookups by name, fan-out per port, order.
+
+    The NodeDefs are the GraphDef's own messages, so a pass may edit attributes in place;
+    after changing edges or adding/removing nodes it must build a new index.
+    """
+
+    def __init__(self, graph_def: graph_pb2.GraphDef):
+        self.graph_def = graph_def
+        self.nodes: Dict[str, node_def_pb2.NodeDef] = {}
+        for node in graph_def.node:
+            if node.name in self.nodes:
+                raise ValueError(f"duplicate node name {node.name!r} in GraphDef")
+            self.nodes[node.name] = node
+        # (producer, port) -> [(consumer, input index)]
+        self._consumers: Dict[Tuple[str, int], List[Tuple[node_def_pb2.NodeDef, int]]] = (
+            collections.defaultdict(list))
+        self._control_consumers: Dict[str, List[node_def_pb2.NodeDef]] = collections.defaultdict(list)
+        self._fed = set()
+        self._ports: Dict[str, set] = collections.defaultdict(set)
+        for node in graph_def.node:
+            for i, spec in enumerate(node.input):
+                src, port, control = parse_input(spec)
+                self._fed.add(src)
+                if control:
+                    self._control_consumers[src].append(node)
+                else:
+                    self._consumers[(src, port)].append((node, i))
+                    self._ports[src].add(port)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.nodes
+
+    def __getitem__(self, name: str) -> node_def_pb2.NodeDef:
+        return self.nodes[name]
+
+    def consumers(self, name: str, port: Optional[int] = None) -> List[Tuple[node_def_pb2.NodeDef, int]]:
+        """Data consumers (node, input index) of one output port, or of every port."""
+        if port is not None:
+            return list(self._consumers.get((name, port), ()))
+        out = []
+        for p in self.output_ports(name):
+            out.extend(self._consumers[(name, p)])
+        return out
+
+    def output_ports(self, name: str) -> List[int]:
+        """Output ports of ``name`` that something consumes, ascending."""
+        return sorted(self._ports.get(name, ()))
+
+    def control_consumers(self, name: str) -> List[node_def_pb2.NodeDef]:
+        return list(self._control_consumers.get(name, ()))
+
+    def has_consumers(self, name: str) -> bool:
+        """True when any node reads ``name`` through a data or control edge."""
+        return name in self._fed
+
+    def producer(self, node: node_def_pb2.NodeDef, input_index: int) -> Tuple[node_def_pb2.NodeDef, int]:
+        """(producer node, output port) feeding data input ``input_index`` of ``node``."""
+        src, port, control = parse_input(node.input[input_index])
+        if control:
+            raise ValueError(f"input {input_index} of {node.name} is a control edge")
+        return self.nodes[src], port
+
+    def data_inputs(self, node: node_def_pb2.NodeDef) -> List[str]:
+        return [s for s in node.input if not s.startswith("^")]
+
+    def topological_order(self) -> List[node_def_pb2.NodeDef]:
+        """Nodes so that every producer precedes its consumers (loop back edges ignored)."""
+        indegree = {name: 0 for name in self.nodes}
+        fanout: Dict[str, List[str]] = collections.defaultdict(list)
+        for node in self.graph_def.node:
+            if node.op == "NextIteration" or node.op == "RefNextIteration":
+                continue
+            for spec in node.input:
+                src = node_name(spec)
+                if src in self.nodes:
+                    indegree[node.name] += 1
+                    fanout[src].append(node.name)
+        # NextIteration feeds Merge; drop those back edges from Merge's in-degree.
+        for node in self.graph_def.node:
+            if node.op in ("Merge", "RefMerge"):
+                for spec in node.input:
+                    src = node_name(spec)
+                    if src in self.nodes and self.nodes[src].op in ("NextIteration", "RefNextIteration"):
+                        indegree[node.name] -= 1
+        for node in self.graph_def.node:
+            if node.op in ("NextIteration", "RefNextIteration"):
+                for spec in node.input:
+                    src = node_name(spec)
+                    if src in self.nodes:
+                        indegree[node.name] += 1
+                        fanout[src].append(node.name)
+        ready = collections.deque(n.name for n in self.graph_def.node if indegree[n.name] == 0)
+        order = []
+        while ready:
+            name = ready.popleft()
+            order.append(self.nodes[name])
+            for dst in fanout.get(name, ()):
+                indegree[dst] -= 1
+                if indegree[dst] == 0:
+                    ready.append(dst)
+        if len(order) != len(self.nodes):
+            stuck = sorted(n for n, d in indegree.items() if d > 0)[:5]
+            raise ValueError(f"GraphDef has a cycle or a dangling input near {stuck}")
+        return order
+
+
+def reachable_from(index: GraphIndex, targets: Iterable[str]) -> set:
+    """Names of every node that ``targets`` depend on (data and control), targets included."""
+    seen = set()
+    stack = [node_name(t) for t in targets]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in index.nodes:
+            continue
+        seen.add(name)
+        stack.extend(node_name(s) for s in index.nodes[name].input)
+    return seen
+
+
+# --------------------------------------------------------------------------------------
+# dtype slots
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TypeSlot:
+    """What governs the dtype of one input or output of a node.
+
+    ``attr`` is the type attribute (``T``, ``U``, ``DstT`` ...), with ``index`` set when the
+    attribute is a ``list(type)``; ``fixed`` is the dtype of an argument declared with a
+    concrete type (an int32 shape, a bool predicate) and is set only when ``attr`` is None.
+    """
+
+    attr: Optional[str]
+    index: Optional[int] = None
+    fixed: Optional[int] = None
+
+    @property
+    def key(self) -> str:
+        """Stable identifier of the paintable vertex: ``T``, ``T[2]`` or ``fixed``."""
+        if self.attr is None:
+            return "fixed"
+        return self.attr if self.index is None else f"{self.attr}[{self.index}]"
+
+
+class OpSignatures:
+    """Resolves each node's input and output dtype slots from its OpDef.
+
+    Ops come from TensorFlow's ``op_def_registry``; functions defined in the graph's own
+    library are resolved from their signature. Unknown ops resolve to None so callers can
+    keep them FP32 and report them.
+    """
+
+    def __init__(self, graph_def: Optional[graph_pb2.GraphDef] = None):
+        self._functions: Dict[str, op_def_pb2.OpDef] = {}
+        if graph_def is not None:
+            for fn in graph_def.library.function:
+                self._functions[fn.signature.name] = fn.signature
+
+    def op_def(self, op: str) -> Optional[op_def_pb2.OpDef]:
+        return self._functions.get(op) or op_def_registry.get(op)
+
+    def is_function(self, op: str) -> bool:
+        return op in self._functions
+
+    def _slots(self, node: node_def_pb2.NodeDef, args) -> List[TypeSlot]:
+        slots: List[TypeSlot] = []
+        for arg in args:
+            if arg.type_list_attr:
+                n = len(node.attr[arg.type_list_attr].list.type)
+                slots.extend(TypeSlot(arg.type_list_attr, i) for i in range(n))
+                continue
+            repeat = node.attr[arg.number_attr].i if arg.number_attr else 1
+            if arg.type_attr:
+                slot = TypeSlot(arg.type_attr)
+            else:
+                slot = TypeSlot(None, None, arg.type)
+            slots.extend([slot] * repeat)
+        return slots
+
+    def input_slots(self, node: node_def_pb2.NodeDef) -> Optional[List[TypeSlot]]:
+        """One slot per data input of ``node``, or None when the op is unknown."""
+        op_def = self.op_def(node.op)
+        if op_def is None:
+            return None
+        return self._slots(node, op_def.input_arg)
+
+    def output_slots(self, node: node_def_pb2.NodeDef) -> Optional[List[TypeSlot]]:
+        """One slot per output port of ``node``, or None when the op is unknown."""
+        op_def = self.op_def(node.op)
+        if op_def is None:
+            return None
+        return self._slots(node, op_def.output_arg)
+
+    def type_attrs(self, node: node_def_pb2.NodeDef) -> List[TypeSlot]:
+        """Every paintable type vertex of the node (each list element separately)."""
+        op_def = self.op_def(node.op)
+        if op_def is None:
+            return []
+        slots = []
+        for attr in op_def.attr:
+            if attr.type == "type":
+                slots.append(TypeSlot(attr.name))
+            elif attr.type == "list(type)":
+                n = len(node.attr[attr.name].list.type)
+                slots.extend(TypeSlot(attr.name, i) for i in range(n))
+        return slots
+
+    def allowed_types(self, op: str, attr: str) -> Optional[List[int]]:
+        """The OpDef's allowed values for a type attr; None means any type."""
+        op_def = self.op_def(op)
+        if op_def is None:
+            return []
+        for a in op_def.attr:
+            if a.name == attr:
+                values = list(a.allowed_values.list.type)
+                return values or None
+        return []
+
+
+def slot_dtype(node: node_def_pb2.NodeDef, slot: TypeSlot) -> int:
+    """Current dtype (a ``types_pb2`` enum) of a slot on ``node``; DT_INVALID if unset."""
+    if slot.attr is None:
+        return slot.fixed
+    if slot.attr not in node.attr:
+        return types_pb2.DT_INVALID
+    value = node.attr[slot.attr]
+    if slot.index is None:
+        return value.type
+    types = value.list.type
+    return types[slot.index] if slot.index < len(types) else types_pb2.DT_INVALID
+
+
+def set_slot_dtype(node: node_def_pb2.NodeDef, slot: TypeSlot, dtype: int) -> None:
+    """Rewrite the attr governing ``slot``; fixed-type slots cannot change."""
+    if slot.attr is None:
+        raise ValueError(f"{node.name}: a fixed-type slot cannot be retyped")
+    if slot.index is None:
+        node.attr[slot.attr].type = dtype
+    else:
+        node.attr[slot.attr].list.type[slot.index] = dtype
+
+
+# --------------------------------------------------------------------------------------
+# node builders
+# --------------------------------------------------------------------------------------
+
+def make_const(name: str, value: np.ndarray, dtype: Optional[int] = None, device: str = "") -> node_def_pb2.NodeDef:
+    """A Const node holding ``value`` (as ``dtype`` when given, e.g. DT_BFLOAT16)."""
+    node = node_def_pb2.NodeDef(name=name, op="Const", device=device)
+    tf_dtype = dtype if dtype is not None else _numpy_to_tf(np.asarray(value).dtype)
+    if tf_dtype == BFLOAT16:
+        tensor = tensor_util.make_tensor_proto(np.asarray(value, dtype=np.float32).astype(_bf16_numpy()))
+    else:
+        from tensorflow.python.framework import dtypes
+        tensor = tensor_util.make_tensor_proto(np.asarray(value), dtype=dtypes.as_dtype(tf_dtype))
+    node.attr["dtype"].type = tf_dtype
+    node.attr["value"].tensor.CopyFrom(tensor)
+    return node
+
+
+def const_value(node: node_def_pb2.NodeDef) -> np.ndarray:
+    """The ndarray a Const node holds."""
+    return tensor_util.MakeNdarray(node.attr["value"].tensor)
+
+
+def make_cast(name: str, source: str, src_dtype: int, dst_dtype: int, device: str = "") -> node_def_pb2.NodeDef:
+    """A Cast node from ``source`` (an input string) converting ``src_dtype`` to ``dst_dtype``."""
+    node = node_def_pb2.NodeDef(name=name, op="Cast", input=[source], device=device)
+    node.attr["SrcT"].type = src_dtype
+    node.attr["DstT"].type = dst_dtype
+    node.attr["Truncate"].b = False
+    return node
+
+
+def make_node(op: str, name: str, inputs: Sequence[str] = (), attrs: Optional[Mapping[str, attr_value_pb2.AttrValue]] = None,
+              device: str = "") -> node_def_pb2.NodeDef:
+    node = node_def_pb2.NodeDef(name=name, op=op, input=list(inputs), device=device)
+    for key, value in (attrs or {}).items():
+        node.attr[key].CopyFrom(value)
+    return node
+
+
+def unique_name(existing: Mapping[str, object], base: str) -> str:
+    """``base`` if unused, else ``base_1``, ``base_2`` ... (checked against ``existing``)."""
+    if base not in existing:
+        return base
+    k = 1
+    while f"{base}_{k}" in existing:
+        k += 1
+    return f"{base}_{k}"
+
+
+def _bf16_numpy():
+    from tensorflow.python.framework import dtypes
+    return dtypes.bfloat16.as_numpy_dtype
+
+
+def _numpy_to_tf(dtype: np.dtype) -> int:
+    from tensorflow.python.framework import dtypes
+    return dtypes.as_dtype(dtype).as_datatype_enum
+
+
+def dtype_name(dtype: int) -> str:
+    """Short name (``float32``, ``bfloat16`` ...) of a ``types_pb2`` enum."""
+    from tensorflow.python.framework import dtypes
+    try:
+        return dtypes.as_dtype(dtype).name
+    except TypeError:
+        return f"dtype{dtype}"
+
+
+def copy_graph(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    """A deep copy, so a pass never mutates its caller's GraphDef."""
+    out = graph_pb2.GraphDef()
+    out.CopyFrom(graph_def)
+    return out
+
+
+def rebuild(graph_def: graph_pb2.GraphDef, nodes: Iterable[node_def_pb2.NodeDef]) -> graph_pb2.GraphDef:
+    """A GraphDef with ``nodes`` and everything else (versions, library) from ``graph_def``."""
+    out = graph_pb2.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    out.node.extend(nodes)
+    return out
+
+
+def op_histogram(graph_def: graph_pb2.GraphDef) -> Dict[str, int]:
+    return dict(collections.Counter(n.op for n in graph_def.node))
+
+
+def iter_nodes(graph_def: graph_pb2.GraphDef, ops: Iterable[str]) -> Iterator[node_def_pb2.NodeDef]:
+    wanted = set(ops)
+    return (n for n in graph_def.node if n.op in wanted)
