@@ -32,6 +32,8 @@ COND_EXITS = frozenset({"Merge", "RefMerge"})
 CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall", "While", "StatelessWhile", "If",
                       "StatelessIf", "Case", "StatelessCase"})
 SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "Const"})
+OUTPUT_REASON = "last computation before a graph output kept FP32 (output precision)"
+STAT_REASON = "normalization statistic kept FP32 (mean/variance of a tensor)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +186,11 @@ class BF16Convert:
         stats = normalization_statistics(self.index)
         for v in vertices:
             if v[0] in stats and v not in blocked and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
-                blocked[v] = "normalization statistic kept FP32 (mean/variance of a tensor)"
-        self._taint(vertices, blocked, succ)
+                blocked[v] = STAT_REASON
+        sources = [v for v, why in blocked.items()
+                   if op_class(self.index[v[0]].op) is OpClass.DENY or why == STAT_REASON]
+        self._taint(vertices, blocked, succ, pred, sources)
+        self._block_output_tail(vertices, blocked, pred)
 
         def cls(v: Vertex) -> Optional[OpClass]:
             return op_class(self.index[v[0]].op)
@@ -206,47 +211,121 @@ class BF16Convert:
         # vertices are independent attrs, so nothing else to do here.
         return painted
 
-    def _taint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str],
-               succ: Dict[Vertex, List[Vertex]]) -> None:
-        """INFER vertices fed (through CLEAR/INFER ops) by an FP32-only source stay FP32.
+    def _block_output_tail(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str],
+                           pred: Dict[Vertex, List[Vertex]]) -> None:
+        """Keep the last INFER op before each graph output FP32 (and CLEAR ops after it).
 
-        Sources are deny ops and normalization statistics. CLEAR vertices on such a path stay
-        FP32 only when they lead to a tainted INFER vertex, so a CLEAR op feeding a matmul can
-        still go BF16.
+        That op (a final Softmax, BiasAdd or Add) is cheap, and running it in FP32 means the
+        output is not rounded to BF16 after the last real computation; the Cast moves one op
+        up, so the Cast count does not change.
         """
-        def cls(v):
-            return op_class(self.index[v[0]].op)
-
-        sources = [v for v, why in blocked.items()
-                   if cls(v) is OpClass.DENY or why.startswith("normalization statistic")]
-        reached: Dict[Vertex, Vertex] = {}
-        stack = [(w, s) for s in sources for w in succ.get(s, ())]
-        while stack:
-            v, origin = stack.pop()
-            if v in reached or v in blocked or cls(v) not in (OpClass.INFER, OpClass.CLEAR):
+        protected = self.plan.protected
+        stack: List[Vertex] = []
+        for name in protected:
+            node = self.index.nodes.get(name)
+            if node is None:
                 continue
-            if self.plan.forced(v[0], self.index[v[0]].op) == BF16:
-                continue
-            reached[v] = origin
-            stack.extend((w, origin) for w in succ.get(v, ()))
-        tainted_infer = [v for v in reached if cls(v) is OpClass.INFER]
-        keep = set(tainted_infer)
-        # CLEAR vertices in ``reached`` that lead to a tainted INFER vertex.
-        pred_in_reached: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
-        for v in reached:
-            for w in succ.get(v, ()):
-                if w in reached:
-                    pred_in_reached[w].append(v)
-        stack = list(tainted_infer)
+            slots = self._in_slots.get(name) or []
+            for i, spec in enumerate(node.input):
+                src, port, control = g.parse_input(spec)
+                src_slots = self._out_slots.get(src) or []
+                if not control and port < len(src_slots):
+                    stack.append((src, src_slots[port].key))
+        seen: Set[Vertex] = set()
         while stack:
             v = stack.pop()
-            for p in pred_in_reached.get(v, ()):
+            if v in seen or v not in vertices or v in blocked:
+                continue
+            seen.add(v)
+            cls = op_class(self.index[v[0]].op)
+            if cls is OpClass.CLEAR:
+                blocked[v] = OUTPUT_REASON
+                stack.extend(pred.get(v, ()))
+            elif cls is OpClass.INFER and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
+                blocked[v] = OUTPUT_REASON
+        # CLEAR vertices that reached no INFER vertex gain nothing from FP32: release them.
+        for v in seen:
+            if blocked.get(v) == OUTPUT_REASON and op_class(self.index[v[0]].op) is OpClass.CLEAR:
+                if not any(blocked.get(p) == OUTPUT_REASON for p in self._upstream_infer(v, pred, seen)):
+                    del blocked[v]
+
+    def _upstream_infer(self, v: Vertex, pred: Dict[Vertex, List[Vertex]], within: Set[Vertex]) -> List[Vertex]:
+        """INFER vertices reachable upstream of ``v`` through CLEAR vertices inside ``within``."""
+        out, stack, seen = [], list(pred.get(v, ())), set()
+        while stack:
+            w = stack.pop()
+            if w in seen or w not in within:
+                continue
+            seen.add(w)
+            if op_class(self.index[w[0]].op) is OpClass.INFER:
+                out.append(w)
+            else:
+                stack.extend(pred.get(w, ()))
+        return out
+
+    def _taint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str],
+               succ: Dict[Vertex, List[Vertex]], pred: Dict[Vertex, List[Vertex]],
+               sources: List[Vertex]) -> None:
+        """Grow an FP32 region from deny ops and normalization statistics.
+
+        A downstream INFER/CLEAR vertex joins the region when every float input it reads comes
+        from the region, from a Const, or is the tensor a statistic normalizes; CLEAR members
+        that lead to no INFER member leave it again. So a LayerNorm
+        stays FP32 as a whole (mean, variance, scale and shift) while the residual Add that
+        mixes its output with a BF16 branch does not join, and the taint never leaks along a
+        whole residual stream.
+        """
+        region: Set[Vertex] = set(sources)
+        origin: Dict[Vertex, str] = {v: v[0] for v in sources}
+        normalized = {g.skip_identity(self.index, self.index[v[0]].input[0]) for v in sources if self.index[v[0]].input}
+
+        def joins(v: Vertex) -> bool:
+            if v in blocked or op_class(self.index[v[0]].op) not in (OpClass.INFER, OpClass.CLEAR):
+                return False
+            if self.plan.forced(v[0], self.index[v[0]].op) == BF16:
+                return False
+            node = self.index[v[0]]
+            slots = self._in_slots.get(v[0]) or []
+            for i, spec in enumerate(node.input):
+                if spec.startswith("^") or i >= len(slots) or slots[i].key != v[1]:
+                    continue
+                src, port, _ = g.parse_input(spec)
+                src_slots = self._out_slots.get(src) or []
+                src_v = (src, src_slots[port].key) if port < len(src_slots) else None
+                if src_v in region or self.index[src].op == "Const":
+                    continue
+                if g.skip_identity(self.index, spec) in normalized:
+                    continue
+                return False
+            return True
+
+        stack = list(sources)
+        while stack:
+            v = stack.pop()
+            for w in succ.get(v, ()):
+                if w not in region and joins(w):
+                    region.add(w)
+                    origin[w] = origin[v]
+                    stack.append(w)
+        # A CLEAR vertex stays in the region only on the way to an INFER member: one that
+        # merely forwards the region's output (a Reshape before a MatMul) may go BF16, so the
+        # region's single border Cast is shared with the other consumers.
+        keep = {v for v in region if v in sources or op_class(self.index[v[0]].op) is OpClass.INFER}
+        preds: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+        for v in region:
+            for w in succ.get(v, ()):
+                if w in region:
+                    preds[w].append(v)
+        stack = list(keep)
+        while stack:
+            v = stack.pop()
+            for p in preds.get(v, ()):
                 if p not in keep:
                     keep.add(p)
                     stack.append(p)
         for v in keep:
-            origin = reached[v][0]
-            blocked[v] = f"fed by FP32-only node {origin}"
+            if v not in blocked:
+                blocked[v] = f"fed by FP32-only node {origin[v]}"
 
     # ------------------------------------------------------------------ report
 

@@ -385,3 +385,33 @@ def op_histogram(graph_def: graph_pb2.GraphDef) -> Dict[str, int]:
 def iter_nodes(graph_def: graph_pb2.GraphDef, ops: Iterable[str]) -> Iterator[node_def_pb2.NodeDef]:
     wanted = set(ops)
     return (n for n in graph_def.node if n.op in wanted)
+
+
+IDENTITY_OPS = frozenset({"Identity", "StopGradient", "Snapshot", "PreventGradient"})
+
+
+def skip_identity(index: GraphIndex, spec: str, max_depth: int = 64) -> str:
+    """The tensor behind a chain of Identity-like nodes (they do not change values)."""
+    for _ in range(max_depth):
+        name, _, _ = parse_input(spec)
+        node = index.nodes.get(name)
+        if node is None or node.op not in IDENTITY_OPS or not node.input:
+            break
+        spec = node.input[0]
+    return canonical_tensor(spec)
+
+
+def consumers_through_identity(index: GraphIndex, name: str, port: int = 0) -> List[node_def_pb2.NodeDef]:
+    """Data consumers of a tensor, looking through Identity-like nodes in between."""
+    out, stack, seen = [], [(name, port)], set()
+    while stack:
+        src = stack.pop()
+        if src in seen:
+            continue
+        seen.add(src)
+        for consumer, _ in index.consumers(*src):
+            if consumer.op in IDENTITY_OPS:
+                stack.append((consumer.name, 0))
+            else:
+                out.append(consumer)
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Set
 
-from tf_bf16.transforms.graph import GraphIndex, node_name
+from tf_bf16.transforms.graph import GraphIndex, consumers_through_identity, node_name, skip_identity
 
 REDUCTIONS = frozenset({"Mean", "Sum"})
 CENTERING_OPS = frozenset({"Sub", "SquaredDifference"})
@@ -23,16 +23,16 @@ def normalization_statistics(index: GraphIndex) -> Set[str]:
     for node in index.graph_def.node:
         if node.op not in REDUCTIONS or not node.input:
             continue
-        source = node.input[0]
+        source = skip_identity(index, node.input[0])
         # mean(x) consumed by x - mean(x) or (x - mean(x))^2: a first moment used for centring.
-        for consumer, _ in index.consumers(node.name, 0):
-            if consumer.op in CENTERING_OPS and source in consumer.input:
+        for consumer in consumers_through_identity(index, node.name, 0):
+            if consumer.op in CENTERING_OPS and source in {skip_identity(index, s) for s in consumer.input}:
                 found.add(node.name)
                 break
         if node.name in found:
             continue
         # mean(x^2) / mean(x*x): a second moment (RMSNorm, variance).
-        producer_name = node_name(source)
+        producer_name = node_name(source)  # identities already skipped
         producer = index.nodes.get(producer_name)
         if producer is None:
             continue

@@ -1,0 +1,495 @@
+"""Tests for tf_bf16.config: INC-layout YAML/dict loading, defaults, and error messages."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import textwrap
+from typing import Any, Dict
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tf_bf16 import config as config_lib
+from tf_bf16.config import Config, load_config
+from tf_bf16.errors import ConfigError
+
+FULL_YAML = """\
+version: 1.0
+model:
+  name: resnet50
+  framework: tensorflow
+  inputs: "input_1, input_2"
+  outputs: [predictions]
+device: cpu
+mixed_precision:
+  precisions: bf16
+  target: SPR
+  op_wise:
+    dense/MatMul:
+      activation: {dtype: [fp32]}
+    conv1/Conv2D:
+      activation: {dtype: bf16}
+    conv2/Conv2D:
+      activation: {dtype: [bf16, fp32]}
+    embedding/Gather:
+      weight: {dtype: fp32}
+  op_type_wise:
+    Softmax:
+      activation: {dtype: [fp32]}
+      weight: {dtype: [bf16, fp32]}
+quantization:
+  approach: post_training_static_quant
+  calibration:
+    sampling_size: [50, 100]
+    dataloader:
+      batch_size: 10
+      dataset:
+        npz: {path: /data/calib.npz}
+  model_wise:
+    weight: {granularity: per_channel, scheme: sym, dtype: int8, algorithm: minmax}
+    activation: {algorithm: [minmax, kl]}
+  op_wise:
+    conv1/Conv2D:
+      activation: {dtype: fp32}
+evaluation:
+  accuracy:
+    metric:
+      topk: 1
+    dataloader:
+      batch_size: 32
+      last_batch: discard
+      dataset:
+        dummy:
+          shape: [[100, 224, 224, 3], [100, 4]]
+          low: [-1.0, 0]
+          high: 1.0
+          dtype: [float32, int32]
+          label: true
+    postprocess:
+      transform:
+        LabelShift: -1
+  performance:
+    iteration: 20
+    configs:
+      cores_per_instance: 4
+      num_of_instance: 2
+    dataloader:
+      dataset:
+        tfrecord:
+          path: /data/val-*.tfrecord
+          features:
+            image: {shape: [224, 224, 3], dtype: float32}
+            label: {dtype: int64}
+          label: label
+tuning:
+  strategy: {name: basic}
+  accuracy_criterion:
+    absolute: 0.02
+    higher_is_better: false
+  objective: performance
+  exit_policy:
+    timeout: 30
+    performance_only: true
+  random_seed: 7
+  workspace: {path: /tmp/ws}
+"""
+
+
+def _write(tmp_path, text: str, name: str = "conf.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _error(source: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(source)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------ loading and defaults
+
+def test_none_gives_all_defaults():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.mixed_precision.precisions == ("bf16", "fp32")
+    assert cfg.mixed_precision.target is None
+    assert cfg.device == "cpu"
+    assert cfg.quantization is None
+    assert cfg.evaluation.accuracy is None and cfg.evaluation.performance is None
+    assert cfg.tuning.accuracy_criterion == config_lib.AccuracyCriterion("relative", 0.01, True)
+    assert cfg.tuning.exit_policy == config_lib.ExitPolicy(timeout=0.0, max_trials=100, performance_only=False)
+    assert cfg.tuning.random_seed == 1978
+    assert cfg.tuning.strategy.name == "sensitivity"
+    assert cfg.tuning.objective == "performance"
+    assert cfg.node_precisions() == {} and cfg.op_type_precisions() == {}
+
+
+def test_full_yaml_file_loads_with_defaults_filled(tmp_path):
+    cfg = load_config(_write(tmp_path, FULL_YAML))
+
+    assert cfg.version == 1.0
+    assert cfg.model == config_lib.ModelConfig("resnet50", "tensorflow", ("input_1", "input_2"), ("predictions",))
+    mp = cfg.mixed_precision
+    assert mp.precisions == ("bf16", "fp32")
+    assert mp.target == "spr"
+
+    quant = cfg.quantization
+    assert quant is not None
+    assert quant.calibration.sampling_size == (50, 100)
+    npz = quant.calibration.dataloader.dataset
+    assert isinstance(npz, config_lib.NpzDatasetConfig)
+    assert (npz.path, npz.inputs, npz.labels) == ("/data/calib.npz", ("x",), "y")
+    assert quant.model_wise.weight.granularity == ("per_channel",)
+    assert quant.model_wise.activation.algorithm == ("minmax", "kl")
+    assert quant.model_wise.activation.dtype is None
+    assert quant.op_wise["conv1/Conv2D"].activation.dtype == ("fp32",)
+
+    acc = cfg.evaluation.accuracy
+    assert acc.metric == config_lib.MetricConfig("topk", 1, True)
+    loader = acc.dataloader
+    assert (loader.batch_size, loader.last_batch, loader.shuffle) == (32, "discard", False)
+    dummy = loader.dataset
+    assert isinstance(dummy, config_lib.DummyDatasetConfig)
+    assert dummy.shape == ((100, 224, 224, 3), (100, 4))
+    assert dummy.low == (-1.0, 0.0) and dummy.high == (1.0, 1.0)
+    assert dummy.dtype == ("float32", "int32")
+    assert dummy.label is True and dummy.label_shape == ()
+    assert acc.postprocess == {"transform": {"LabelShift": -1}}
+
+    perf = cfg.evaluation.performance
+    assert (perf.iteration, perf.warmup) == (20, 5)
+    assert perf.configs == config_lib.PerformanceRunConfig(4, 2, None, None)
+    rec = perf.dataloader.dataset
+    assert isinstance(rec, config_lib.TFRecordDatasetConfig)
+    assert rec.path == ("/data/val-*.tfrecord",)
+    assert rec.features["image"] == config_lib.TFRecordFeature((224, 224, 3), "float32")
+    assert rec.features["label"] == config_lib.TFRecordFeature((), "int64")
+    assert rec.inputs == ("image",) and rec.label == "label"
+    assert perf.dataloader.batch_size == 1
+
+    tuning = cfg.tuning
+    assert tuning.strategy.name == "sensitivity"  # INC's "basic" is the same tuner
+    assert tuning.accuracy_criterion == config_lib.AccuracyCriterion("absolute", 0.02, False)
+    assert tuning.exit_policy == config_lib.ExitPolicy(30.0, 100, True)
+    assert tuning.random_seed == 7
+    assert tuning.workspace == config_lib.WorkspaceConfig("/tmp/ws", None)
+
+
+def test_pathlike_and_empty_yaml_file(tmp_path):
+    assert load_config(_write(tmp_path, "")) == Config()
+    path = tmp_path / "p.yaml"
+    path.write_text("device: cpu\nmixed_precision: {precisions: fp32}\n")
+    assert load_config(path).mixed_precision.precisions == ("fp32",)
+
+
+def test_dict_input_and_config_passthrough():
+    cfg = load_config({
+        "model": {"inputs": "a, b ,c", "outputs": "out"},
+        "mixed_precision": {"precisions": ["fp32", "bf16"]},
+        "tuning": {"accuracy_criterion": {"relative": 0.05}, "exit_policy": {"max_trials": 3}},
+    })
+    assert cfg.model.inputs == ("a", "b", "c") and cfg.model.outputs == ("out",)
+    assert cfg.mixed_precision.precisions == ("bf16", "fp32")
+    assert cfg.tuning.accuracy_criterion.criterion == "relative"
+    assert cfg.tuning.accuracy_criterion.tolerable_loss == 0.05
+    assert cfg.tuning.exit_policy.max_trials == 3
+    assert cfg.tuning.exit_policy.timeout == 0.0
+    assert load_config(cfg) is cfg
+
+
+def test_null_sections_mean_defaults():
+    cfg = load_config({"model": None, "mixed_precision": {"op_wise": None, "precisions": None},
+                       "tuning": {"exit_policy": None}})
+    assert cfg == Config()
+
+
+def test_metric_forms():
+    def metric(spec: Any) -> config_lib.MetricConfig:
+        return load_config({"evaluation": {"accuracy": {"metric": spec}}}).evaluation.accuracy.metric
+
+    assert metric({"Accuracy": {}}) == config_lib.MetricConfig("Accuracy", None, True)
+    assert metric({"accuracy": None}).name == "Accuracy"
+    assert metric("MSE") == config_lib.MetricConfig("MSE", None, False)
+    assert metric({"RMSE": {}, "higher_is_better": True}).higher_is_better is True
+    assert metric({"topk": {"k": 5}}).k == 5
+    assert metric({"F1": None}).higher_is_better is True
+    assert metric({"MAE": {}}).higher_is_better is False
+
+
+def test_strategy_sensitivity_and_precision_fp32_only():
+    cfg = load_config({"tuning": {"strategy": {"name": "sensitivity"}},
+                       "mixed_precision": {"precisions": "FP32"}})
+    assert cfg.tuning.strategy.name == "sensitivity"
+    assert cfg.mixed_precision.precisions == ("fp32",)
+
+
+# ------------------------------------------------------------------ op-wise resolution
+
+def test_op_wise_and_op_type_wise_resolution(tmp_path):
+    cfg = load_config(_write(tmp_path, FULL_YAML))
+    assert cfg.node_precisions() == {"dense/MatMul": "fp32", "conv1/Conv2D": "bf16",
+                                     "embedding/Gather": "fp32"}
+    assert cfg.op_type_precisions() == {"Softmax": "fp32"}
+    # the entry allowing both is kept in the tree but forces nothing
+    assert cfg.mixed_precision.op_wise["conv2/Conv2D"].activation == ("bf16", "fp32")
+    assert cfg.mixed_precision.node_precisions() == cfg.node_precisions()
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"activation": {"dtype": ["fp32"]}}, "fp32"),
+    ({"activation": {"dtype": "bf16"}}, "bf16"),
+    ({"weight": {"dtype": ["fp32"]}}, "fp32"),
+    ({"activation": {"dtype": ["bf16", "fp32"]}, "weight": {"dtype": "fp32"}}, "fp32"),
+    ({"activation": {"dtype": ["bf16"]}, "weight": {"dtype": ["fp32", "bf16"]}}, "bf16"),
+    ({"activation": {"dtype": ["bf16", "fp32"]}}, None),
+    ({}, None),
+])
+def test_dtype_override_resolution(entry: Dict[str, Any], expected: str):
+    cfg = load_config({"mixed_precision": {"op_wise": {"n": entry}, "op_type_wise": {"MatMul": entry}}})
+    assert cfg.node_precisions().get("n") == expected
+    assert cfg.op_type_precisions().get("MatMul") == expected
+
+
+def test_conflicting_activation_and_weight_dtypes():
+    msg = _error({"mixed_precision": {"op_wise": {"n1": {"activation": {"dtype": "fp32"},
+                                                         "weight": {"dtype": "bf16"}}}}})
+    assert "'mixed_precision.op_wise.n1'" in msg and "conflict" in msg
+
+
+def test_bf16_override_needs_bf16_precision():
+    msg = _error({"mixed_precision": {"precisions": "fp32",
+                                      "op_type_wise": {"MatMul": {"activation": {"dtype": ["bf16"]}}}}})
+    assert "'mixed_precision.op_type_wise.MatMul.activation.dtype'" in msg
+    assert "'bf16'" in msg and "fp32" in msg
+
+
+# ------------------------------------------------------------------ INC aliases
+
+def test_graph_optimization_alias():
+    cfg = load_config({"graph_optimization": {"precisions": "fp32"}})
+    assert cfg.mixed_precision.precisions == ("fp32",)
+    same = load_config({"graph_optimization": {"precisions": ["bf16"]},
+                        "mixed_precision": {"precisions": ["bf16", "fp32"]}})
+    assert same.mixed_precision.precisions == ("bf16", "fp32")
+
+
+def test_graph_optimization_conflict():
+    msg = _error({"graph_optimization": {"precisions": "fp32"}, "mixed_precision": {"precisions": "bf16"}})
+    assert "'mixed_precision.precisions'" in msg and "'graph_optimization.precisions'" in msg
+
+
+def test_use_bf16():
+    assert load_config({"use_bf16": False}).mixed_precision.precisions == ("fp32",)
+    assert load_config({"use_bf16": True}).mixed_precision.precisions == ("bf16", "fp32")
+    msg = _error({"use_bf16": False, "mixed_precision": {"precisions": "bf16"}})
+    assert "'use_bf16'" in msg
+    assert "'use_bf16'" in _error({"use_bf16": "yes please"})
+
+
+# ------------------------------------------------------------------ unknown keys
+
+@pytest.mark.parametrize("source, key, allowed", [
+    ({"tunning": {}}, "tunning", "evaluation, graph_optimization, mixed_precision, model"),
+    ({"mixed_precision": {"precisons": "bf16"}}, "mixed_precision.precisons",
+     "op_type_wise, op_wise, precisions, target"),
+    ({"tuning": {"exit_policy": {"timeot": 1}}}, "tuning.exit_policy.timeot",
+     "max_trials, performance_only, timeout"),
+    ({"evaluation": {"accuracy": {"dataloader": {"dataset": {"dummy": {"shape": [1], "shap": [2]}}}}}},
+     "evaluation.accuracy.dataloader.dataset.dummy.shap", "dtype, high, label, label_shape, low, shape"),
+    ({"evaluation": {"accuracy": {"dataloader": {"dataset": {"imagenet": {}}}}}},
+     "evaluation.accuracy.dataloader.dataset.imagenet", "dummy, npz, tfrecord"),
+    ({"mixed_precision": {"op_wise": {"conv/Conv2D": {"activations": {"dtype": "fp32"}}}}},
+     "mixed_precision.op_wise.conv/Conv2D.activations", "activation, weight"),
+    ({"mixed_precision": {"op_type_wise": {"MatMul": {"weight": {"dtypes": "fp32"}}}}},
+     "mixed_precision.op_type_wise.MatMul.weight.dtypes", "dtype"),
+    ({"quantization": {"model_wise": {"weight": {"bits": 8}}}}, "quantization.model_wise.weight.bits",
+     "algorithm, dtype, granularity, scheme"),
+    ({"model": {"nmae": "x"}}, "model.nmae", "framework, inputs, name, outputs"),
+])
+def test_unknown_keys_at_every_depth(source: Dict[str, Any], key: str, allowed: str):
+    msg = _error(source)
+    assert msg.startswith(f"unknown config key '{key}'; allowed keys: ")
+    assert allowed in msg
+
+
+def test_unknown_key_exact_message():
+    assert _error({"mixed_precision": {"precisons": "bf16"}}) == (
+        "unknown config key 'mixed_precision.precisons'; "
+        "allowed keys: op_type_wise, op_wise, precisions, target")
+
+
+_TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(Config)} | {"use_bf16", "graph_optimization"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.text(min_size=1, max_size=30).filter(lambda k: k not in _TOP_LEVEL_KEYS),
+       value=st.one_of(st.none(), st.integers(), st.text(), st.dictionaries(st.text(), st.integers())))
+def test_any_unknown_top_level_key_is_named(key: str, value: Any):
+    with pytest.raises(ConfigError) as info:
+        load_config({"device": "cpu", key: value})
+    assert f"unknown config key '{key}'" in str(info.value)
+
+
+# ------------------------------------------------------------------ bad values
+
+def _dummy_loader(**dummy: Any) -> Dict[str, Any]:
+    spec = {"shape": [4, 3], **dummy}
+    return {"evaluation": {"accuracy": {"dataloader": {"dataset": {"dummy": spec}}}}}
+
+
+@pytest.mark.parametrize("source, fragments", [
+    ({"mixed_precision": {"precisions": "fp64"}},
+     ["'mixed_precision.precisions'", "'fp64'", "allowed values: bf16, fp32"]),
+    ({"mixed_precision": {"precisions": ["bf16", "fp64"]}},
+     ["'mixed_precision.precisions[1]'", "'fp64'", "bf16, fp32"]),
+    ({"mixed_precision": {"precisions": []}}, ["'mixed_precision.precisions'", "empty"]),
+    ({"mixed_precision": {"target": "xyz"}},
+     ["'mixed_precision.target'", "'xyz'", "allowed values: spr, cpx, avx512_bf16"]),
+    ({"tuning": {"accuracy_criterion": {"relative": 0.01, "absolute": 0.1}}},
+     ["config key 'tuning.accuracy_criterion': give exactly one of 'relative' or 'absolute', not both"]),
+    ({"tuning": {"accuracy_criterion": {"relative": 1.0}}},
+     ["'tuning.accuracy_criterion.relative'", ">= 0 and < 1", "1.0"]),
+    ({"tuning": {"accuracy_criterion": {"absolute": -0.5}}},
+     ["'tuning.accuracy_criterion.absolute'", ">= 0", "-0.5"]),
+    ({"evaluation": {"accuracy": {"metric": {"BLEU": {}}}}},
+     ["'evaluation.accuracy.metric'", "'BLEU'", "Accuracy, F1, MAE, MSE, RMSE, topk"]),
+    ({"evaluation": {"accuracy": {"metric": {"MSE": {}, "topk": 1}}}},
+     ["'evaluation.accuracy.metric'", "exactly one metric"]),
+    ({"evaluation": {"accuracy": {"metric": {"topk": 0}}}}, ["'evaluation.accuracy.metric.topk'", ">= 1"]),
+    ({"evaluation": {"accuracy": {"metric": {"higher_is_better": True}}}},
+     ["'evaluation.accuracy.metric'", "got none"]),
+    ({"tuning": {"exit_policy": {"timeout": -1}}}, ["'tuning.exit_policy.timeout'", ">= 0", "-1"]),
+    ({"tuning": {"exit_policy": {"timeout": "5"}}},
+     ["'tuning.exit_policy.timeout'", "'5' (str)", "number"]),
+    ({"tuning": {"exit_policy": {"max_trials": True}}},
+     ["'tuning.exit_policy.max_trials'", "True (bool)", "integer >= 1"]),
+    ({"tuning": {"exit_policy": {"max_trials": 2.0}}}, ["'tuning.exit_policy.max_trials'", "2.0 (float)"]),
+    ({"tuning": {"exit_policy": {"performance_only": 1}}},
+     ["'tuning.exit_policy.performance_only'", "true or false"]),
+    ({"tuning": {"random_seed": -3}}, ["'tuning.random_seed'", "-3"]),
+    ({"tuning": {"strategy": {"name": "bayesian"}}}, ["'tuning.strategy.name'", "sensitivity, basic"]),
+    ({"tuning": {"objective": "accuracy"}}, ["'tuning.objective'", "performance"]),
+    ({"device": "gpu"}, ["'device'", "'gpu'", "allowed values: cpu"]),
+    ({"model": {"framework": "pytorch"}}, ["'model.framework'", "tensorflow, tensorflow_itex, keras"]),
+    ({"model": {"inputs": 3}}, ["'model.inputs'", "string or a list of strings"]),
+    ({"evaluation": {"accuracy": {"dataloader": {"batch_size": 0}}}},
+     ["'evaluation.accuracy.dataloader.batch_size'", ">= 1", "0 (int)"]),
+    ({"evaluation": {"accuracy": {"dataloader": {"last_batch": "keep"}}}},
+     ["'evaluation.accuracy.dataloader.last_batch'", "rollover, discard"]),
+    (_dummy_loader(shape=[[2, 3], [2]], dtype=["float32", "float8"]),
+     ["'evaluation.accuracy.dataloader.dataset.dummy.dtype[1]'", "'float8'", "float32"]),
+    (_dummy_loader(dtype=["float32", "int32"]),
+     ["'evaluation.accuracy.dataloader.dataset.dummy.dtype'", "list of 1"]),
+    (_dummy_loader(shape=[4, 0]), ["'evaluation.accuracy.dataloader.dataset.dummy.shape[1]'", ">= 1"]),
+    (_dummy_loader(low=2, high=1), ["'evaluation.accuracy.dataloader.dataset.dummy.low'", "exceeds"]),
+    (_dummy_loader(shape=None), ["'evaluation.accuracy.dataloader.dataset.dummy.shape'", "required"]),
+    ({"evaluation": {"accuracy": {"dataloader": {"dataset": {"npz": {"path": "a"}, "dummy": {"shape": [1]}}}}}},
+     ["'evaluation.accuracy.dataloader.dataset'", "exactly one dataset kind", "dummy, npz"]),
+    ({"evaluation": {"performance": {"dataloader": {"dataset": {"tfrecord": {
+        "path": "f", "features": {"x": {"dtype": "float32"}}, "inputs": ["y"]}}}}}},
+     ["'evaluation.performance.dataloader.dataset.tfrecord.inputs[0]'", "'y'", "allowed values: x"]),
+    ({"evaluation": {"performance": {"dataloader": {"dataset": {"tfrecord": {
+        "path": "f", "features": {"x": {"dtype": "float16"}}}}}}}},
+     ["'evaluation.performance.dataloader.dataset.tfrecord.features.x.dtype'", "float32, int64, string"]),
+    ({"evaluation": {"performance": {"iteration": 0}}}, ["'evaluation.performance.iteration'", "or -1"]),
+    ({"evaluation": {"performance": {"configs": {"num_of_instance": 0}}}},
+     ["'evaluation.performance.configs.num_of_instance'"]),
+    ({"quantization": {"approach": "dynamic"}}, ["'quantization.approach'", "post_training_static_quant"]),
+    ({"quantization": {"calibration": {"sampling_size": [10, -1]}}},
+     ["'quantization.calibration.sampling_size[1]'", ">= 1"]),
+    ({"quantization": {"model_wise": {"weight": {"granularity": "per_row"}}}},
+     ["'quantization.model_wise.weight.granularity'", "per_channel, per_tensor"]),
+    ({"version": "1.0"}, ["'version'", "'1.0' (str)"]),
+    ({"mixed_precision": [1, 2]}, ["'mixed_precision'", "expected a mapping"]),
+])
+def test_bad_values_name_key_value_and_allowed(source: Dict[str, Any], fragments):
+    msg = _error(source)
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
+def test_yaml_exponent_gotcha_is_explained(tmp_path):
+    msg = _error(_write(tmp_path, "tuning:\n  accuracy_criterion:\n    relative: 1e-2\n"))
+    assert "'tuning.accuracy_criterion.relative'" in msg and "1.0e-2" in msg
+    assert "conf.yaml" in msg  # errors in a file name the file
+
+
+def test_bad_source_type():
+    assert "YAML file path" in _error(42)
+
+
+# ------------------------------------------------------------------ YAML files
+
+def test_missing_yaml_file_names_path(tmp_path):
+    missing = str(tmp_path / "nope" / "conf.yaml")
+    msg = _error(missing)
+    assert missing in msg and "does not exist" in msg
+
+
+def test_directory_is_not_a_config(tmp_path):
+    assert "is a directory" in _error(str(tmp_path))
+
+
+def test_malformed_yaml_names_path_and_line(tmp_path):
+    path = _write(tmp_path, "model:\n  name: x\ntuning:\n  exit_policy: [1, 2\n  random_seed: 3\n", "bad.yaml")
+    msg = _error(path)
+    assert path in msg
+    assert "line 5" in msg and "invalid YAML" in msg
+
+
+def test_malformed_yaml_indentation(tmp_path):
+    path = _write(tmp_path, "model:\n  name: x\n   framework: tensorflow\n", "indent.yaml")
+    msg = _error(path)
+    assert path in msg and "line 3" in msg
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = _write(tmp_path, "tuning:\n  random_seed: 1\n  random_seed: 2\n", "dup.yaml")
+    msg = _error(path)
+    assert path in msg and "duplicate key 'random_seed'" in msg and "line 3" in msg
+
+
+def test_yaml_top_level_must_be_mapping(tmp_path):
+    path = _write(tmp_path, "- a\n- b\n", "list.yaml")
+    msg = _error(path)
+    assert path in msg and "mapping" in msg
+
+
+# ------------------------------------------------------------------ immutability, round trip
+
+def test_config_is_immutable(tmp_path):
+    cfg = load_config(_write(tmp_path, FULL_YAML))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tuning.random_seed = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.mixed_precision.op_wise["x"] = config_lib.DtypeOverride()  # type: ignore[index]
+    with pytest.raises(TypeError):
+        cfg.evaluation.accuracy.postprocess["transform"]["LabelShift"] = 0  # type: ignore[index]
+
+
+def test_to_dict_round_trip_pickle_and_hash(tmp_path):
+    cfg = load_config(_write(tmp_path, FULL_YAML))
+    plain = cfg.to_dict()
+    assert plain["tuning"]["accuracy_criterion"] == {"absolute": 0.02, "higher_is_better": False}
+    assert plain["evaluation"]["accuracy"]["metric"] == {"topk": 1, "higher_is_better": True}
+    assert "dummy" in plain["evaluation"]["accuracy"]["dataloader"]["dataset"]
+    assert load_config(plain) == cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert copy.deepcopy(cfg) == cfg
+    assert hash(cfg) == hash(load_config(plain))
+
+
+def test_with_overrides():
+    cfg = load_config({"tuning": {"accuracy_criterion": {"relative": 0.05}}})
+    new = cfg.with_overrides({"tuning.accuracy_criterion.absolute": 0.1,
+                              "mixed_precision": {"precisions": "fp32"},
+                              "tuning.exit_policy.timeout": 10})
+    assert new.tuning.accuracy_criterion == config_lib.AccuracyCriterion("absolute", 0.1, True)
+    assert new.mixed_precision.precisions == ("fp32",)
+    assert new.tuning.exit_policy.timeout == 10.0
+    assert cfg.tuning.accuracy_criterion.criterion == "relative"  # original untouched
+    with pytest.raises(ConfigError, match="'tuning.exit_policy.timeout'"):
+        cfg.with_overrides({"tuning.exit_policy.timeout": -1})

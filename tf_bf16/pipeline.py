@@ -1,0 +1,60 @@
+"""The conversion pipeline: clean-up, BF16Convert, cast folding, final strip.
+
+One function the converter, the tuner and the benchmarks share, so every caller gets the
+same graph for the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict
+
+from tensorflow.core.framework import graph_pb2
+
+from tf_bf16.transforms import driver
+from tf_bf16.transforms.bf16_convert import BF16Convert
+from tf_bf16.transforms.fold_casts import fold_casts
+from tf_bf16.transforms.plan import PrecisionPlan
+from tf_bf16.transforms.strip_unused import strip_unused
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """The converted graph, the FP32-kept nodes with reasons, and timings."""
+
+    graph_def: graph_pb2.GraphDef
+    cleaned: graph_pb2.GraphDef
+    fp32_reasons: Dict[str, str]
+    bf16_nodes: frozenset
+    seconds: Dict[str, float]
+    consts_converted: int = 0
+
+
+def clean_up(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+    """Generic FP32 clean-up (strip, identities, constants, BatchNorm folding)."""
+    return driver.run_transforms(graph_def, plan, driver.DEFAULT_CLEANUP)
+
+
+def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
+    """Stages 2 and 3 on an already cleaned graph (the tuner re-runs only these)."""
+    t0 = time.perf_counter()
+    converter = BF16Convert(cleaned, plan)
+    converted = converter.do_transformation()
+    t1 = time.perf_counter()
+    folded = strip_unused(fold_casts(converted, plan), plan)
+    t2 = time.perf_counter()
+    reasons = {n: d.reason for n, d in converter.decisions.items() if d.precision == "fp32"}
+    bf16 = frozenset(n for n, d in converter.decisions.items() if d.precision == "bf16")
+    return ConversionResult(folded, cleaned, reasons, bf16,
+                            {"bf16_convert": t1 - t0, "fold_casts": t2 - t1}, converter.consts_converted)
+
+
+def convert_graph(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
+    """The whole pipeline for BF16: clean-up, then ``convert_cleaned``."""
+    t0 = time.perf_counter()
+    cleaned = clean_up(graph_def, plan)
+    t1 = time.perf_counter()
+    result = convert_cleaned(cleaned, plan)
+    result.seconds["clean_up"] = t1 - t0
+    return result

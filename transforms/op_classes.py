@@ -1,0 +1,156 @@
+"""Which op types are worth, safe or unsafe to run in BF16: the paint lists of BF16Convert.
+
+Four classes, as in TensorFlow's oneDNN auto-mixed-precision pass (TF 2.21 lists are the
+fact base), with deliberate changes noted below:
+
+* ALLOW - compute-bound ops (convolutions, matmuls) where BF16 is the point; always painted.
+* INFER - arithmetic that runs BF16 when its neighbours do, so no Cast is needed around it.
+* CLEAR - data movement and exact ops (selection, comparison, sign): BF16 whenever the tensor is.
+* DENY  - numerically unsafe in BF16; stays FP32 unless the user forces it, and blocks
+  INFER/CLEAR propagation.
+
+An op in no class (``op_class`` returns None) stays FP32: quantized ops, ``Cast`` (handled
+by the converter itself), gradient/training-only ops, control flow (v1 Switch/Merge frames,
+While/If functions) and TensorList ops, which the design keeps FP32.
+
+Changes from TF 2.21's lists, and why:
+
+* DENY gains Log, Log1p, LogSoftmax (TF: INFER): log near 1 and log-probabilities lose all
+  significant digits in an 8-bit mantissa; tf_bf16 keeps Log/Exp nodes FP32 unless forced.
+* DENY gains FloorDiv, FloorMod (TF: FloorDiv INFER): a rounding change moves the result by a
+  whole unit; and Xlogy, Xlog1py, Lgamma, Digamma, Cumsum, Cumprod (TF: unlisted), whose
+  error grows with the magnitude or length of the input.
+* ALLOW gains the fused forms (_FusedMatMul, _FusedConv2D, _FusedConv3D,
+  _FusedDepthwiseConv2dNative) because tf_bf16 may paint after fusion, and BatchMatMulV3;
+  it keeps only the backprop-input convolutions (used by transposed-convolution layers at
+  inference) and drops the backprop-filter ones, which only training graphs contain.
+* INFER gains DivNoNan and MulNoNan (same arithmetic as RealDiv/Mul) and drops the *Grad ops.
+* CLEAR drops control-flow, TensorList and *Grad ops and gains OneHot and Size.
+* Sum/Mean/Prod stay INFER as in TF >= 2.12 (TF's bf16 Sum/Mean kernels accumulate in FP32),
+  but they and the other long reductions are in ``FP32_ACCUMULATE_OPS``: the converter keeps
+  such a node FP32 when its reduced extent is large or unknown, because the BF16 input and
+  output still lose precision in proportion to the number of summed terms.
+
+The converter must still confirm every paint with ``tf_bf16.capability.KernelRegistry``:
+being listed here says an op is worth BF16, not that this TensorFlow build can run it.
+``KERNEL_CHECK_OPS`` names the listed ops known to lack a valid BF16 CPU kernel in some
+TensorFlow builds, TF 2.21 included.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+from typing import Dict, FrozenSet, Mapping, Optional
+
+
+class OpClass(enum.Enum):
+    """The paint class of an op type (see the module docstring)."""
+
+    ALLOW = "allow"
+    INFER = "infer"
+    CLEAR = "clear"
+    DENY = "deny"
+
+
+ALLOW_OPS: FrozenSet[str] = frozenset({
+    "Conv2D", "Conv3D", "DepthwiseConv2dNative", "FusedPadConv2D",
+    "Conv2DBackpropInput", "Conv3DBackpropInputV2", "DepthwiseConv2dNativeBackpropInput",
+    "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum",
+    "_FusedMatMul", "_FusedConv2D", "_FusedConv3D", "_FusedDepthwiseConv2dNative",
+})
+
+INFER_OPS: FrozenSet[str] = frozenset({
+    # element-wise arithmetic
+    "Add", "AddV2", "AddN", "Sub", "Mul", "MulNoNan", "RealDiv", "DivNoNan", "Reciprocal", "Inv",
+    "Square", "SquaredDifference", "Sqrt", "Rsqrt",
+    "BiasAdd", "BiasAddV1",
+    # activations (Gelu has no op in TF 2.21: tf.nn.gelu is Mul/Erf/AddV2, or Mul/Pow/Tanh)
+    "Tanh", "Sigmoid", "Erf", "Erfc", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "Softmax",
+    # normalization (statistics attr U stays FP32: FP32_ONLY_ATTRS) and pooling
+    "FusedBatchNormV2", "FusedBatchNormV3", "_FusedBatchNormEx",
+    "AvgPool", "AvgPool3D",
+    # reductions (see FP32_ACCUMULATE_OPS)
+    "Sum", "Mean", "Prod",
+})
+
+CLEAR_OPS: FrozenSet[str] = frozenset({
+    # exact element-wise ops: no rounding beyond the inputs'
+    "Relu", "Relu6", "Abs", "Neg", "Sign", "Ceil", "Floor", "Round",
+    "Maximum", "Minimum", "ClipByValue",
+    "Equal", "NotEqual", "Greater", "GreaterEqual", "Less", "LessEqual",
+    "IsFinite", "IsInf", "IsNan", "Select", "SelectV2", "Where",
+    # selecting reductions
+    "Max", "Min", "ArgMax", "ArgMin", "MaxPool", "MaxPoolV2", "MaxPool3D", "TopK", "TopKV2",
+    # shape and data movement
+    "Reshape", "Transpose", "Squeeze", "ExpandDims", "BroadcastTo", "Tile",
+    "Concat", "ConcatV2", "Pack", "Unpack", "Split", "SplitV",
+    "Slice", "StridedSlice", "Gather", "GatherV2", "GatherNd", "ScatterNd",
+    "DynamicPartition", "DynamicStitch", "OneHot", "Fill", "ZerosLike", "OnesLike",
+    "Pad", "PadV2", "MirrorPad", "Reverse", "ReverseV2", "ReverseSequence",
+    "DepthToSpace", "SpaceToDepth", "BatchToSpace", "BatchToSpaceND", "SpaceToBatch",
+    "SpaceToBatchND", "ResizeBilinear", "ResizeNearestNeighbor",
+    # identities and shape readers
+    "Identity", "IdentityN", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics",
+    "EnsureShape", "Shape", "ShapeN", "Rank", "Size",
+})
+
+DENY_OPS: FrozenSet[str] = frozenset({
+    "Exp", "Expm1", "Log", "Log1p", "LogSoftmax", "Pow", "Xlogy", "Xlog1py", "Lgamma", "Digamma",
+    "FloorDiv", "FloorMod", "Cumsum", "Cumprod",
+    "L2Loss", "SoftmaxCrossEntropyWithLogits", "SparseSoftmaxCrossEntropyWithLogits",
+})
+
+# INFER ops that sum many terms. TF 2.21's BF16 CPU kernels accumulate them in FP32, yet the
+# BF16-rounded inputs/outputs cost precision that grows with the reduced extent, so the
+# converter keeps these FP32 when the reduced extent is large or not known statically.
+FP32_ACCUMULATE_OPS: FrozenSet[str] = frozenset({
+    "Sum", "Mean", "Prod", "Softmax", "AvgPool", "AvgPool3D",
+})
+
+# Type attrs that may hold float32 but must stay FP32 even when the node goes BF16 (batch-norm
+# scale/offset/mean/variance: the CPU kernels accept only float for U). Integer-only attrs
+# (Tidx, Tshape, Tindices ...) never hold float32, so they need no entry.
+FP32_ONLY_ATTRS: Mapping[str, FrozenSet[str]] = types.MappingProxyType({
+    "FusedBatchNormV2": frozenset({"U"}),
+    "FusedBatchNormV3": frozenset({"U"}),
+    "_FusedBatchNormEx": frozenset({"U"}),
+})
+
+# Listed ops whose BF16 CPU support varies by TensorFlow build. In TF 2.21 the remapper's
+# _FusedConv2D has a registered bf16 CPU kernel, but its OpDef does not allow bfloat16 for T,
+# so a bf16 _FusedConv2D node fails validation: paint Conv2D before fusion instead.
+KERNEL_CHECK_OPS: FrozenSet[str] = frozenset({"_FusedConv2D"})
+
+# Control-flow ops: deliberately in no class, so graphs with them keep those nodes FP32.
+CONTROL_FLOW_OPS: FrozenSet[str] = frozenset({
+    "Enter", "RefEnter", "Exit", "RefExit", "Switch", "RefSwitch", "Merge", "RefMerge",
+    "NextIteration", "RefNextIteration", "LoopCond", "While", "StatelessWhile", "If",
+    "StatelessIf", "Case", "StatelessCase", "PartitionedCall", "StatefulPartitionedCall",
+})
+
+
+def _index(classes: Mapping[OpClass, FrozenSet[str]]) -> Mapping[str, OpClass]:
+    """op -> class, refusing an op listed in two classes (an error in this module's data)."""
+    out: Dict[str, OpClass] = {}
+    for cls, ops in classes.items():
+        for op in ops:
+            if op in out:
+                raise ValueError(f"op {op} is in both {out[op].name} and {cls.name}")
+            out[op] = cls
+    return types.MappingProxyType(out)
+
+
+OPS_BY_CLASS: Mapping[OpClass, FrozenSet[str]] = types.MappingProxyType({
+    OpClass.ALLOW: ALLOW_OPS,
+    OpClass.INFER: INFER_OPS,
+    OpClass.CLEAR: CLEAR_OPS,
+    OpClass.DENY: DENY_OPS,
+})
+
+_CLASS_OF: Mapping[str, OpClass] = _index(OPS_BY_CLASS)
+
+
+def op_class(op: str) -> Optional[OpClass]:
+    """The paint class of op type ``op``; None for an unlisted op, which stays FP32."""
+    return _CLASS_OF.get(op)
