@@ -138,7 +138,7 @@ class BF16Convert:
         """Nodes inside v1 while-loop frames or cond branches: FP32, with the reason."""
         out: Dict[str, str] = {}
         for starts, stops, reason in ((FRAME_OPS, FRAME_EXITS, "inside a while-loop frame"),
-                                      (COND_OPS, COND_EXITS, "inside a cond branch (Switch/Merge)")):
+                                      (COND_OPS, COND_EXITS | FRAME_EXITS, "inside a cond branch (Switch/Merge)")):
             stack = [n.name for n in self.graph_def.node if n.op in starts]
             seen: Set[str] = set()
             while stack:

@@ -1,0 +1,182 @@
+"""BF16Convert's painting rules on small hand-built graphs, where each rule can be seen alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_bf16 import MixedPrecision
+from tf_bf16.errors import UnsupportedHardwareError
+from tf_bf16.model import Model
+from tf_bf16.plan_builder import build_plan
+from tf_bf16.report import node_precision
+from tf_bf16.transforms import graph as g
+from tf_bf16.transforms.bf16_convert import BF16Convert
+from tf_bf16.transforms.fold_casts import fold_casts
+
+
+def _frozen(fn, *specs) -> Model:
+    return Model(tf.function(fn).get_concrete_function(*specs))
+
+
+def _convert(model: Model, **plan_kw):
+    plan = build_plan(model.graph_def, model.input_names, model.output_names, **plan_kw)
+    conv = BF16Convert(model.graph_def, plan)
+    out = fold_casts(conv.do_transformation(), plan)
+    return out, conv
+
+
+def _prec(graph_def):
+    sigs = g.OpSignatures(graph_def)
+    return {n.name: node_precision(n, sigs) for n in graph_def.node}
+
+
+def _ops(graph_def, op):
+    return [n for n in graph_def.node if n.op == op]
+
+
+RNG = np.random.RandomState(0)
+W = tf.constant(RNG.randn(16, 16).astype(np.float32))
+SPEC = tf.TensorSpec([None, 16], tf.float32, name="x")
+
+
+def test_paint_is_order_independent():
+    model = _frozen(lambda x: tf.nn.sigmoid(tf.nn.tanh(tf.matmul(x, W))) + 1.0, SPEC)
+    fwd, _ = _convert(model)
+    reversed_gd = g.copy_graph(model.graph_def)
+    nodes = list(reversed_gd.node)[::-1]
+    del reversed_gd.node[:]
+    reversed_gd.node.extend(nodes)
+    rev, _ = _convert(model.with_graph_def(reversed_gd))
+    assert _prec(fwd) == _prec(rev)
+    p = _prec(fwd)
+    assert p[_ops(fwd, "Tanh")[0].name] == "bf16" and p[_ops(fwd, "Sigmoid")[0].name] == "bf16"
+
+
+def test_exp_and_log_stay_fp32_unless_forced():
+    def f(x):
+        h = tf.matmul(x, W)
+        return tf.matmul(tf.math.log(tf.exp(h) + 1.0), W)
+
+    model = _frozen(f, SPEC)
+    out, conv = _convert(model)
+    p = _prec(out)
+    assert p[_ops(out, "Exp")[0].name] == "fp32" and p[_ops(out, "Log")[0].name] == "fp32"
+    assert all(p[n.name] == "bf16" for n in _ops(out, "MatMul"))
+    assert "deny" in conv.decisions[_ops(out, "Exp")[0].name].reason
+    forced, _ = _convert(model, op_type_precisions={"Exp": "bf16", "Log": "bf16"})
+    p = _prec(forced)
+    assert p[_ops(forced, "Exp")[0].name] == "bf16" and p[_ops(forced, "Log")[0].name] == "bf16"
+
+
+def test_fused_batch_norm_t_bf16_u_fp32():
+    scale = tf.constant(RNG.rand(8).astype(np.float32) + 0.5)
+    offset = tf.constant(RNG.rand(8).astype(np.float32))
+    k = tf.constant(RNG.randn(3, 3, 4, 8).astype(np.float32))
+
+    def f(x):
+        y = tf.nn.conv2d(x, k, 1, "SAME")
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, scale, offset, mean=offset, variance=scale, is_training=False)
+        return tf.nn.relu(y) * 2.0
+
+    model = _frozen(f, tf.TensorSpec([None, 8, 8, 4], tf.float32, name="x"))
+    out, _ = _convert(model)
+    bn = _ops(out, "FusedBatchNormV3")[0]
+    assert bn.attr["T"].type == g.BFLOAT16 and bn.attr["U"].type == g.FLOAT
+    consts = {n.name: n for n in out.node if n.op == "Const"}
+    for i in range(1, 5):
+        assert consts[g.node_name(bn.input[i])].attr["dtype"].type == g.FLOAT
+    x = RNG.rand(2, 8, 8, 4).astype(np.float32)
+    np.testing.assert_allclose(model.with_graph_def(out).run([x])[0], model.run([x])[0], rtol=0.05, atol=0.05)
+
+
+def test_shared_const_converted_once_fp32_consumer_keeps_original():
+    def f(x):
+        a = tf.matmul(x, W)              # BF16 consumer of W
+        b = tf.exp(tf.reduce_sum(W))     # FP32 (deny path) consumer of W
+        return a * b
+
+    model = _frozen(f, SPEC)
+    out, conv = _convert(model)
+    w_consts = [n for n in out.node if n.op == "Const" and list(n.attr["value"].tensor.tensor_shape.dim)
+                and [d.size for d in n.attr["value"].tensor.tensor_shape.dim] == [16, 16]]
+    dtypes = sorted(n.attr["dtype"].type for n in w_consts)
+    assert dtypes == sorted([g.FLOAT, g.BFLOAT16])
+    assert conv.consts_converted >= 1
+
+
+def test_concat_n_list_and_integer_inputs():
+    def f(x):
+        a = tf.matmul(x, W)
+        c = tf.concat([a, a * 2.0, tf.nn.relu(a)], axis=1)   # N=3 list, int axis
+        idx = tf.constant([0, 2, 4], tf.int32)
+        return tf.matmul(tf.gather(c, idx, axis=1), tf.constant(RNG.randn(3, 4).astype(np.float32)))
+
+    model = _frozen(f, SPEC)
+    out, _ = _convert(model)
+    concat = _ops(out, "ConcatV2")[0]
+    assert concat.attr["T"].type == g.BFLOAT16 and concat.attr["Tidx"].type == tf.int32.as_datatype_enum
+    gather = _ops(out, "GatherV2")[0]
+    assert gather.attr["Tparams"].type == g.BFLOAT16 and gather.attr["Tindices"].type == tf.int32.as_datatype_enum
+    assert len(_ops(out, "Cast")) == 2
+    x = RNG.rand(3, 16).astype(np.float32)
+    np.testing.assert_allclose(model.with_graph_def(out).run([x])[0], model.run([x])[0], rtol=0.05, atol=0.1)
+
+
+def test_control_flow_frame_stays_fp32_and_is_reported():
+    def f(x):
+        h = tf.matmul(x, W)
+        i = tf.constant(0)
+        _, y = tf.while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, tf.tanh(y) * 1.5), [i, h])
+        return tf.matmul(y, W)
+
+    model = _frozen(f, SPEC)
+    assert _ops(model.graph_def, "Enter"), "expected a lowered v1 while loop"
+    out, conv = _convert(model)
+    tanh = _ops(out, "Tanh")[0]
+    assert tanh.attr["T"].type == g.FLOAT
+    assert "while-loop" in conv.decisions[tanh.name].reason
+    assert all(_prec(out)[n.name] == "bf16" for n in _ops(out, "MatMul"))
+    x = RNG.rand(2, 16).astype(np.float32)
+    np.testing.assert_allclose(model.with_graph_def(out).run([x])[0], model.run([x])[0], rtol=0.05, atol=0.5)
+
+
+def test_forced_fp32_node_stops_propagation():
+    def f(x):
+        return tf.matmul(tf.nn.relu(tf.matmul(x, W) + 1.0), W)
+
+    model = _frozen(f, SPEC)
+    add = [n for n in model.graph_def.node if n.op in ("AddV2", "Add")][0].name
+    out, conv = _convert(model, node_precisions={add: "fp32"})
+    p = _prec(out)
+    assert p[add] == "fp32" and all(p[n.name] == "bf16" for n in _ops(out, "MatMul"))
+    assert conv.decisions[add].reason == "forced FP32 by config"
+
+
+def test_hardware_gate_and_target(tmp_path):
+    model = _frozen(lambda x: tf.matmul(x, W), SPEC)
+    plain = MixedPrecision(env={})
+    plain.model = model
+    with open("/proc/cpuinfo") as f:
+        native = "avx512_bf16" in f.read() or "amx_bf16" in open("/proc/cpuinfo").read()
+    if native:
+        pytest.skip("this CPU has native BF16: the refusal path cannot be shown here")
+    with pytest.raises(UnsupportedHardwareError, match="avx512_bf16"):
+        plain()
+    spr = MixedPrecision(target="spr", env={})
+    spr.model = model
+    out = spr()
+    assert out.report["target"] == "spr"
+    assert _ops(out.graph_def, "MatMul")[0].attr["T"].type == g.BFLOAT16
+    forced = MixedPrecision(env={"FORCE_BF16": "1"})
+    forced.model = model
+    assert forced().report["warnings"]
+
+
+def test_fp32_only_precisions_leave_graph_fp32():
+    model = _frozen(lambda x: tf.matmul(x, W), SPEC)
+    conv = MixedPrecision({"mixed_precision": {"precisions": "fp32"}})
+    conv.model = model
+    out = conv()
+    assert not any(n.attr["T"].type == g.BFLOAT16 for n in out.graph_def.node if "T" in n.attr)
