@@ -1,4 +1,4 @@
-"""The conversion pipeline: clean-up, BF16Convert, cast folding, final strip.
+"""The conversion pipeline: clean-up, BF16Convert, cast folding.
 
 One function the converter, the tuner and the benchmarks share, so every caller gets the
 same graph for the same plan.
@@ -16,7 +16,6 @@ from tf_bf16.transforms import driver
 from tf_bf16.transforms.bf16_convert import BF16Convert
 from tf_bf16.transforms.fold_casts import fold_casts
 from tf_bf16.transforms.plan import PrecisionPlan
-from tf_bf16.transforms.strip_unused import strip_unused
 
 
 @dataclasses.dataclass
@@ -42,7 +41,7 @@ def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan) -> Convers
     converter = BF16Convert(cleaned, plan)
     converted = converter.do_transformation()
     t1 = time.perf_counter()
-    folded = strip_unused(fold_casts(converted, plan), plan)
+    folded = fold_casts(converted, plan)  # also drops nodes the Casts' removal left dead
     t2 = time.perf_counter()
     reasons = {n: d.reason for n, d in converter.decisions.items() if d.precision == "fp32"}
     bf16 = frozenset(n for n, d in converter.decisions.items() if d.precision == "bf16")

@@ -411,15 +411,14 @@ class BF16Convert:
         """Name of a BF16 version of ``const``: converted in place when all consumers want BF16."""
         if const.name in copies:
             return copies[const.name]
-        value = g.const_value(const)
         if demand.get(const.name):
-            converted = g.make_const(const.name, value, g.BFLOAT16, device=const.device)
+            converted = g.bf16_const_from(const, const.name)
             const.attr["dtype"].type = g.BFLOAT16
             const.attr["value"].CopyFrom(converted.attr["value"])
             copies[const.name] = const.name
         else:
             name = g.unique_name(existing, f"{const.name}/bf16")
-            copy = g.make_const(name, value, g.BFLOAT16, device=const.device)
+            copy = g.bf16_const_from(const, name)
             existing[name] = copy
             new_nodes.append(copy)
             copies[const.name] = name

@@ -62,14 +62,14 @@ def _rewire(graph_def: graph_pb2.GraphDef, replace: Dict[str, str]) -> None:
 
 
 def _fold_cast_chains(graph_def: graph_pb2.GraphDef, protected) -> bool:
-    index = g.GraphIndex(graph_def)
+    nodes = {n.name: n for n in graph_def.node}
     replace: Dict[str, str] = {}
     changed = False
     for node in graph_def.node:
         if node.op != "Cast" or node.name in protected or not node.input:
             continue
         src, port, _ = g.parse_input(node.input[0])
-        first = index.nodes.get(src)
+        first = nodes.get(src)
         if first is None or first.op != "Cast" or port != 0:
             continue
         a, b = _cast_types(first)
@@ -107,13 +107,13 @@ def _fold_const_casts(graph_def: graph_pb2.GraphDef, protected) -> bool:
     """Turn Const->Cast into a Const of the Cast's dtype, named like the Cast."""
     from tensorflow.python.framework import dtypes
 
-    index = g.GraphIndex(graph_def)
+    nodes = {n.name: n for n in graph_def.node}
     changed = False
     for node in graph_def.node:
         if node.op != "Cast" or node.name in protected or not node.input:
             continue
         src, port, _ = g.parse_input(node.input[0])
-        const = index.nodes.get(src)
+        const = nodes.get(src)
         if const is None or const.op != "Const" or port != 0:
             continue
         if any(s.startswith("^") for s in node.input[1:]):

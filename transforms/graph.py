@@ -26,8 +26,10 @@ STATEFUL_SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "Place
 
 def parse_input(spec: str) -> Tuple[str, int, bool]:
     """Split an input string (``name``, ``name:1`` or ``^name``) into (node, port, is_control)."""
-    if spec.startswith("^"):
+    if spec[:1] == "^":
         return spec[1:], -1, True
+    if ":" not in spec:
+        return spec, 0, False
     name, sep, port = spec.rpartition(":")
     if sep and port.isdigit():
         return name, int(port), False
@@ -309,6 +311,41 @@ def make_const(name: str, value: np.ndarray, dtype: Optional[int] = None, device
     node.attr["dtype"].type = tf_dtype
     node.attr["value"].tensor.CopyFrom(tensor)
     return node
+
+
+def bf16_const_from(node: node_def_pb2.NodeDef, name: str) -> node_def_pb2.NodeDef:
+    """A bfloat16 copy of float32 Const ``node`` named ``name`` (round to nearest even).
+
+    Works on the raw tensor bytes where possible, so converting a large model's weights
+    costs one vectorised pass instead of a Python-level tensor rebuild.
+    """
+    src = node.attr["value"].tensor
+    out = node_def_pb2.NodeDef(name=name, op="Const", device=node.device)
+    out.attr["dtype"].type = BFLOAT16
+    tensor = out.attr["value"].tensor
+    tensor.dtype = BFLOAT16
+    tensor.tensor_shape.CopyFrom(src.tensor_shape)
+    if src.tensor_content:
+        values = np.frombuffer(src.tensor_content, dtype=np.float32)
+    else:
+        values = tensor_util.MakeNdarray(src).reshape(-1)
+        if values.size == 1 and _num_elements(src.tensor_shape) != 1:
+            # A splat constant (one value for the whole shape): keep it a splat.
+            tensor.half_val.append(int(_to_bf16_bits(values.astype(np.float32))[0]))
+            return out
+    tensor.tensor_content = values.astype(np.float32).astype(_bf16_numpy()).tobytes()
+    return out
+
+
+def _num_elements(shape) -> int:
+    n = 1
+    for d in shape.dim:
+        n *= d.size
+    return n
+
+
+def _to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    return values.astype(_bf16_numpy()).view(np.uint16)
 
 
 def const_value(node: node_def_pb2.NodeDef) -> np.ndarray:
