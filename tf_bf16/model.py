@@ -34,11 +34,17 @@ class TensorSpecInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
-    """A serving signature: key plus ordered inputs and outputs keyed by signature name."""
+    """A serving signature: key plus ordered inputs and outputs keyed by signature name.
+
+    ``aliases`` are the source's other signature keys that serve the very same function
+    (Keras ``export`` writes both ``serve`` and ``serving_default``); a saved SavedModel
+    lists the signature under ``key`` and under each alias.
+    """
 
     key: str
     inputs: Dict[str, TensorSpecInfo]
     outputs: Dict[str, TensorSpecInfo]
+    aliases: Tuple[str, ...] = ()
 
 
 class Model:
@@ -137,7 +143,7 @@ class Model:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write atomically: ``*.pb`` binary GraphDef, ``*.pbtxt`` text, anything else a SavedModel."""
         path = os.fspath(path)
-        if self.source_path and os.path.abspath(path) == os.path.abspath(self.source_path):
+        if self.source_path and _same_or_inside(path, self.source_path):
             raise ModelSaveError(path, "refusing to overwrite the input model; choose another output path")
         if path.endswith(".pb") or path.endswith(".pbtxt"):
             model_io.write_frozen(self._graph_def, path, text=path.endswith(".pbtxt"))
@@ -147,6 +153,12 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({len(self._graph_def.node)} nodes, inputs={self.input_names}, "
                 f"outputs={self.output_names})")
+
+
+def _same_or_inside(path: str, source: str) -> bool:
+    """True when ``path`` is ``source`` itself (through links too) or lies inside it."""
+    target, origin = os.path.realpath(path), os.path.realpath(source)
+    return target == origin or target.startswith(origin.rstrip(os.sep) + os.sep)
 
 
 def _tensor(name: str) -> str:

@@ -112,6 +112,11 @@ def read_graph_def(path: str) -> graph_pb2.GraphDef:
         graph_def.ParseFromString(data)
     except message.DecodeError as exc:
         raise ModelLoadError(path, f"not a valid binary GraphDef (corrupt or truncated protobuf: {_first_line(exc)})")
+    if not graph_def.HasField("versions"):
+        # TensorFlow serializes ``versions`` (field 4) after every node and the library, so a
+        # file cut at a message boundary still parses but lacks it.
+        raise ModelLoadError(path, "GraphDef has no 'versions' record, which TensorFlow writes last: the file "
+                                   "is truncated (a GraphDef built by hand must set versions.producer)")
     return graph_def
 
 
@@ -147,6 +152,9 @@ def _load_saved_model(path: str, signature_key: str) -> LoadedGraph:
     if weights > MAX_PROTO_BYTES:
         raise UnsupportedModelError(path, f"weights take {weights / 1024 ** 3:.2f} GiB; a frozen GraphDef is "
                                           "limited to 2 GiB, so this model cannot be converted offline")
+    frozen = _read_frozen_saved_model(path, signature_key)
+    if frozen is not None:
+        return frozen
     try:
         loaded = tf.saved_model.load(path)
     except Exception as exc:
@@ -154,7 +162,119 @@ def _load_saved_model(path: str, signature_key: str) -> LoadedGraph:
     keys = sorted(loaded.signatures.keys())
     if signature_key not in loaded.signatures:
         raise ModelLoadError(path, f"no signature {signature_key!r}; available signatures: {keys or 'none'}")
-    return _freeze_function(loaded.signatures[signature_key], path, signature_key, structured=True)
+    chosen = loaded.signatures[signature_key]
+    aliases, dropped = [], []
+    for key in keys:
+        if key != signature_key:
+            (aliases if _same_endpoint(chosen, loaded.signatures[key]) else dropped).append(key)
+    if dropped:
+        logging.warning("%s: converting signature %r only; signature(s) %s compute something else and are "
+                        "not kept (load with signature=... to convert one of them)", path, signature_key, dropped)
+    return _freeze_function(chosen, path, signature_key, structured=True, aliases=aliases)
+
+
+# Ops that mean a graph still holds state to restore, so it must go through tf.saved_model.load.
+_STATE_OPS = frozenset({"VariableV2", "Variable", "VarHandleOp", "_VarHandlesOp", "ReadVariableOp",
+                        "AssignVariableOp", "Assign", "HashTableV2", "HashTable", "MutableHashTableV2",
+                        "MutableHashTableOfTensorsV2", "MutableDenseHashTableV2", "InitializeTableV2",
+                        "InitializeTableFromTextFileV2", "RestoreV2", "SaveV2"})
+_INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "main_op", "table_initializer")
+
+
+def _read_frozen_saved_model(path: str, signature_key: str) -> Optional[LoadedGraph]:
+    """Read a SavedModel whose ``serve`` graph is already frozen straight from ``saved_model.pb``.
+
+    That is what ``write_saved_model`` writes (and TF1 exports of frozen graphs): no object
+    graph, no variables, no init ops. Reading the MetaGraphDef keeps the saved graph exactly
+    and skips tracing. Returns None for anything else (TF2 or variable-holding SavedModels),
+    which then load through ``tf.saved_model.load`` and are frozen.
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tf_bf16.model import Signature, TensorSpecInfo
+
+    pb_path = os.path.join(path, "saved_model.pb")
+    if not tf.io.gfile.exists(pb_path) or tf.io.gfile.exists(os.path.join(path, "variables", "variables.index")):
+        return None
+    with tf.io.gfile.GFile(pb_path, "rb") as f:
+        data = f.read()
+    saved = saved_model_pb2.SavedModel()
+    try:
+        saved.ParseFromString(data)
+    except message.DecodeError as exc:
+        raise ModelLoadError(path, f"saved_model.pb is corrupt or truncated: {_first_line(exc)}")
+    metas = [m for m in saved.meta_graphs if SERVE_TAG in m.meta_info_def.tags]
+    if len(metas) != 1:
+        return None
+    meta = metas[0]
+    if (meta.object_graph_def.nodes or meta.HasField("saver_def") or meta.meta_info_def.stripped_default_attrs
+            or any(c in meta.collection_def for c in _INIT_COLLECTIONS)
+            or any(n.op in _STATE_OPS for n in meta.graph_def.node)):
+        return None
+    sig_defs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+    if signature_key not in sig_defs:
+        raise ModelLoadError(path, f"no signature {signature_key!r}; available signatures: {sorted(sig_defs) or 'none'}")
+    sig_def = sig_defs[signature_key]
+    tensors = list(sig_def.inputs.values()) + list(sig_def.outputs.values())
+    if any(info.WhichOneof("encoding") != "name" for info in tensors):
+        return None  # sparse or composite signature tensors: let TensorFlow decode them
+
+    def info(value: Any) -> TensorSpecInfo:
+        shape = value.tensor_shape
+        dims = None if shape.unknown_rank else tuple(None if d.size < 0 else int(d.size) for d in shape.dim)
+        return TensorSpecInfo(graph_lib.canonical_tensor(value.name), tf.as_dtype(value.dtype).name, dims)
+
+    inputs = {k: info(sig_def.inputs[k]) for k in sorted(sig_def.inputs)}
+    outputs = {k: info(sig_def.outputs[k]) for k in sorted(sig_def.outputs)}
+    aliases = [k for k in sorted(sig_defs) if k != signature_key and sig_defs[k] == sig_def]
+    dropped = [k for k in sorted(sig_defs) if k != signature_key and k not in aliases]
+    if dropped:
+        logging.warning("%s: converting signature %r only; signature(s) %s compute something else and are "
+                        "not kept (load with signature=... to convert one of them)", path, signature_key, dropped)
+    input_names = [graph_lib.node_name(spec.name) for spec in inputs.values()]
+    output_names = [spec.name for spec in outputs.values()]
+    validate_graph(meta.graph_def, path)
+    check_names(meta.graph_def, input_names, output_names, path)
+    keep = graph_lib.reachable_from(graph_lib.GraphIndex(meta.graph_def), output_names + input_names)
+    graph_def = graph_lib.rebuild(meta.graph_def, [n for n in meta.graph_def.node if n.name in keep])
+    for node in graph_def.node:  # the SavedModel writer adds these; they go stale once a pass edits the graph
+        if "_output_shapes" in node.attr:
+            del node.attr["_output_shapes"]
+    signature = Signature(signature_key, inputs, outputs, tuple(aliases))
+    return LoadedGraph(graph_def, input_names, output_names, signature, path)
+
+
+def _io_specs(fn: Any) -> Tuple[Any, Any]:
+    """Comparable (inputs, outputs) of a signature function: key -> (dtype, shape)."""
+    import tensorflow as tf
+
+    def spec(t: Any) -> Tuple[str, Any]:
+        return t.dtype.name, _shape_tuple(tf.TensorShape(t.shape))
+
+    args, kwargs = fn.structured_input_signature
+    inputs = ([spec(a) for a in tf.nest.flatten(args)], {k: spec(v) for k, v in kwargs.items()})
+    outputs = fn.structured_outputs
+    if isinstance(outputs, dict):
+        return inputs, {k: spec(v) for k, v in outputs.items()}
+    return inputs, [spec(v) for v in tf.nest.flatten(outputs)]
+
+
+def _same_endpoint(a: Any, b: Any) -> bool:
+    """Whether two signature functions compute the same thing: equal specs and equal graphs.
+
+    Graph attributes starting with ``_`` (user-specified names, ids) are ignored.
+    """
+    if _io_specs(a) != _io_specs(b):
+        return False
+
+    def stripped(fn: Any) -> bytes:
+        graph_def = fn.graph.as_graph_def()
+        for node in graph_def.node:
+            for key in [k for k in node.attr if k.startswith("_")]:
+                del node.attr[key]
+        return graph_def.SerializeToString(deterministic=True)
+
+    return stripped(a) == stripped(b)
 
 
 def _dir_bytes(path: str) -> int:
@@ -211,7 +331,7 @@ def _keras_input_name(tensor: Any, index: int) -> str:
 
 
 def _freeze_function(fn: Any, path: Optional[str], signature_key: str, structured: bool,
-                     input_keys: Optional[Sequence[str]] = None) -> LoadedGraph:
+                     input_keys: Optional[Sequence[str]] = None, aliases: Sequence[str] = ()) -> LoadedGraph:
     """Inline variables as constants and record the function's signature."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -243,16 +363,19 @@ def _freeze_function(fn: Any, path: Optional[str], signature_key: str, structure
     sig_inputs = {k: TensorSpecInfo(t.op.name, t.dtype.name, _shape_tuple(t.shape))
                   for k, t in zip(keys, in_tensors)}
 
-    outputs = frozen.structured_outputs
-    if isinstance(outputs, dict):
-        out_items = sorted(outputs.items())
+    # The frozen function keeps only a flat output list (in tf.nest.flatten order of the
+    # original structure, i.e. dict keys sorted), so the keys come from the original.
+    structure = fn.structured_outputs
+    flat = list(frozen.outputs)
+    if (isinstance(structure, dict) and len(structure) == len(flat)
+            and len(tf.nest.flatten(structure)) == len(flat) and all(isinstance(k, str) for k in structure)):
+        out_items = list(zip(sorted(structure), flat))
     else:
-        flat = tf.nest.flatten(outputs)
         out_items = [("output_0" if len(flat) == 1 else f"output_{i}", t) for i, t in enumerate(flat)]
     sig_outputs = {k: TensorSpecInfo(graph_lib.canonical_tensor(t.name), t.dtype.name, _shape_tuple(t.shape))
                    for k, t in out_items}
     output_names = [spec.name for spec in sig_outputs.values()]
-    signature = Signature(signature_key, sig_inputs, sig_outputs)
+    signature = Signature(signature_key, sig_inputs, sig_outputs, tuple(aliases))
     return LoadedGraph(graph_def, input_names, output_names, signature, path)
 
 
@@ -335,6 +458,19 @@ def write_frozen(graph_def: graph_pb2.GraphDef, path: str, text: bool = False) -
         raise ModelSaveError(path, f"cannot write: {_first_line(exc)}")
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    """Write a small text file (a report) through a temp file and an atomic rename."""
+    import tensorflow as tf
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not tf.io.gfile.isdir(parent):
+        raise ModelSaveError(path, f"output directory {parent} does not exist")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) -> None:
     """Write a SavedModel (tag ``serve``) whose signature keys, names, dtypes and shapes are ``signature``'s.
 
@@ -349,6 +485,10 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) 
         raise ModelSaveError(path, f"output directory {parent} does not exist")
     if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
         raise ModelSaveError(path, "exists and is not a directory")
+    if tf.io.gfile.isdir(path):
+        entries = tf.io.gfile.listdir(path)
+        if entries and not any(f in entries for f in SAVED_MODEL_FILES):
+            raise ModelSaveError(path, "is a non-empty directory that is not a SavedModel; refusing to replace it")
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
 
     def tensor_info(spec: Any) -> meta_graph_pb2.TensorInfo:
@@ -372,7 +512,8 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) 
             tf.graph_util.import_graph_def(graph_def, name="")
             with tf.compat.v1.Session(graph=graph) as sess:
                 builder = tf.compat.v1.saved_model.Builder(tmp)
-                builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={signature.key: sig_def},
+                keys = (signature.key,) + tuple(getattr(signature, "aliases", ()))
+                builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={k: sig_def for k in keys},
                                                      strip_default_attrs=False)
                 builder.save()
         _replace_dir(tmp, path)
