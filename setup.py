@@ -1,0 +1,73 @@
+"""pip build of tf_bf16: the ``tf_bf16`` package plus ``transforms/`` and ``kernels/`` mapped in.
+
+``transforms/`` and ``kernels/`` sit at the repository root but install as
+``tf_bf16.transforms`` and ``tf_bf16.kernels``. Set ``TF_BF16_NO_TF_DEPENDENCY=1`` at install
+time to leave TensorFlow out of the requirements (for tensorflow-cpu or
+intel-tensorflow-avx512 users); the optional C++ kernels are not compiled yet.
+"""
+
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TENSORFLOW = "tensorflow>=2.16"
+NO_TF_SWITCH = "TF_BF16_NO_TF_DEPENDENCY"
+
+
+def read_version() -> str:
+    """The single source of the version: ``__version__`` in tf_bf16/__init__.py."""
+    with open(os.path.join(HERE, "tf_bf16", "__init__.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    if not match:
+        raise RuntimeError("tf_bf16/__init__.py does not define __version__")
+    return match.group(1)
+
+
+def install_requires() -> list:
+    """Runtime requirements; TensorFlow only unless the no-TF switch is set."""
+    requires = ["numpy", "pyyaml", "absl-py"]
+    if os.environ.get(NO_TF_SWITCH, "").strip().lower() not in ("1", "true", "yes", "on"):
+        requires.append(TENSORFLOW)
+    return requires
+
+
+def read_readme() -> str:
+    path = os.path.join(HERE, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+setup(
+    name="tf_bf16",
+    version=read_version(),
+    description="Convert TensorFlow models to mixed BF16/FP32 for Intel Xeon CPU inference.",
+    long_description=read_readme(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    # Listed explicitly: find_packages cannot see the mapped subpackages, and editable
+    # installs only resolve package_dir mappings for packages named here.
+    packages=sorted(set(find_packages(include=["tf_bf16", "tf_bf16.*"]))
+                    | {"tf_bf16.transforms", "tf_bf16.kernels"}),
+    package_dir={
+        "tf_bf16": "tf_bf16",
+        "tf_bf16.transforms": "transforms",
+        "tf_bf16.kernels": "kernels",
+    },
+    install_requires=install_requires(),
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn"],
+        "intel": ["intel-tensorflow-avx512"],
+        "cpu": ["tensorflow-cpu"],
+    },
+    entry_points={"console_scripts": ["tf-bf16 = tf_bf16.cli:run"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,142 @@
+"""End-to-end tests of the ``tf-bf16`` command line, run as a user would: in a subprocess.
+
+Errors must be one ``tf-bf16: error: ...`` line on stderr with a non-zero exit and no
+traceback; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "digits_cnn"
+
+# GPU builds of TensorFlow log CUDA probing from C++ at import time, before (and regardless
+# of) TF_CPP_MIN_LOG_LEVEL; those lines are the runtime's, not the CLI's, so they are ignored.
+_TF_RUNTIME_LINE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IWEF]\d{4} \d\d:\d\d:[\d.]+\s+\d+ [\w.]+:\d+\] )")
+
+
+def run_cli(*args: str, cwd: Path = REPO, executable: List[str] = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    command = (executable or [sys.executable, "-m", "tf_bf16"]) + list(args)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def cli_stderr_lines(stderr: str) -> List[str]:
+    """Non-empty stderr lines that the CLI itself wrote (TensorFlow runtime noise removed)."""
+    return [line for line in stderr.splitlines() if line.strip() and not _TF_RUNTIME_LINE.match(line)]
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    lines = cli_stderr_lines(result.stderr)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tf-bf16: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def corrupt_pb(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corrupt") / "x.pb"
+    path.write_bytes(random.Random(1234).randbytes(4096))
+    return path
+
+
+def test_inspect_example_prints_histogram_and_io(tmp_path):
+    result = run_cli("inspect", f"--input_model={EXAMPLE}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert cli_stderr_lines(result.stderr) == []
+    out = result.stdout
+    for expected in ("Conv2D", "MatMul", "Softmax", "float32", "image", "nodes:", "inputs (1):", "outputs (1):"):
+        assert expected in out, expected
+    assert re.search(r"^\s+image\s+float32\s+\[\?, 8, 8, 1\]", out, re.M), out
+    assert re.search(r"^\s+Conv2D\s+2\s+yes\s+float32 x2$", out, re.M), out
+
+
+def test_inspect_json_is_consistent():
+    result = run_cli("inspect", f"--input_model={EXAMPLE}", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["source"] == str(EXAMPLE)
+    assert summary["signature"] == "serving_default"
+    assert [e["name"] for e in summary["inputs"]] == ["image"]
+    assert summary["inputs"][0]["shape"] == [None, 8, 8, 1]
+    assert summary["outputs"][0]["shape"] == [None, 10]
+    assert summary["ops"]["Conv2D"] == {"count": 2, "dtypes": {"float32": 2}, "bf16_kernel": True}
+    assert sum(op["count"] for op in summary["ops"].values()) == summary["node_count"]
+    assert sum(summary["dtypes"].values()) == summary["node_count"]
+    assert 0 < summary["bf16_candidates"] <= summary["node_count"]
+
+
+def test_inspect_with_explicit_inputs_and_outputs():
+    result = run_cli("inspect", f"--input_model={EXAMPLE}", "--inputs=image", "--outputs=Identity", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [e["name"] for e in summary["inputs"]] == ["image"]
+    assert [e["name"] for e in summary["outputs"]] == ["Identity"]
+
+
+def test_missing_path_is_one_line(tmp_path):
+    missing = tmp_path / "no_such_model"
+    assert_one_error_line(run_cli("inspect", f"--input_model={missing}"), 1, str(missing))
+
+
+def test_corrupt_pb_is_one_line(corrupt_pb):
+    assert_one_error_line(run_cli("inspect", f"--input_model={corrupt_pb}"), 1, str(corrupt_pb))
+
+
+def test_unknown_flag_is_usage_error():
+    line = assert_one_error_line(run_cli("inspect", f"--input_model={EXAMPLE}", "--no_such_flag=1"), 2,
+                                 "no_such_flag")
+    assert "inspect" in line
+
+
+def test_unknown_subcommand_is_usage_error():
+    assert_one_error_line(run_cli("frobnicate", f"--input_model={EXAMPLE}"), 2, "frobnicate", "inspect")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ((), "no command"),
+    (("inspect",), "--input_model"),
+    (("inspect", f"--input_model={EXAMPLE}", "stray"), "stray"),
+])
+def test_other_usage_errors(args, fragment):
+    assert_one_error_line(run_cli(*args), 2, fragment)
+
+
+def test_verbose_shows_traceback(corrupt_pb):
+    result = run_cli("inspect", f"--input_model={corrupt_pb}", "--verbose")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert cli_stderr_lines(result.stderr)[-1].startswith(f"tf-bf16: error: {corrupt_pb}")
+
+
+def test_help_lists_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "inspect" in result.stdout
+    sub = run_cli("inspect", "--help")
+    assert sub.returncode == 0
+    assert "--input_model" in sub.stdout
+
+
+def test_console_script_matches_module(tmp_path):
+    script = Path(sys.executable).with_name("tf-bf16")
+    if not script.exists():
+        pytest.skip("tf-bf16 console script not installed in this environment")
+    result = run_cli("frobnicate", executable=[str(script)], cwd=tmp_path)
+    assert_one_error_line(result, 2, "frobnicate")
