@@ -180,3 +180,29 @@ def test_fp32_only_precisions_leave_graph_fp32():
     conv.model = model
     out = conv()
     assert not any(n.attr["T"].type == g.BFLOAT16 for n in out.graph_def.node if "T" in n.attr)
+
+
+def test_function_bodies_are_converted_with_fp32_borders():
+    w = RNG.randn(16, 16).astype(np.float32)
+
+    @tf.function(autograph=False)
+    def inner(x):
+        return tf.nn.relu(tf.matmul(x, tf.constant(w))) + 1.0
+
+    def outer(x):
+        y = inner(x)
+        return tf.cond(tf.reduce_sum(y) > 0, lambda: tf.matmul(y, tf.constant(w)) * 2.0, lambda: y - 1.0)
+
+    concrete = tf.function(outer).get_concrete_function(SPEC)
+    assert not concrete.captured_inputs
+    model = Model(concrete.graph.as_graph_def(), inputs=["x"], outputs=["Identity"])
+    assert model.graph_def.library.function, "expected library functions in an unfrozen graph"
+    conv = MixedPrecision()
+    conv.model = model
+    out = conv()
+    bodies = {f.signature.name: f for f in out.graph_def.library.function}
+    matmuls = [n for f in bodies.values() for n in f.node_def if n.op == "MatMul"]
+    assert len(matmuls) == 2 and all(n.attr["T"].type == g.BFLOAT16 for n in matmuls)
+    assert any(r["converted"] and r["bf16_nodes"] for r in out.report["functions"].values())
+    x = RNG.rand(3, 16).astype(np.float32)
+    np.testing.assert_allclose(out.run([x])[0], model.run([x])[0], rtol=0.05, atol=0.2)

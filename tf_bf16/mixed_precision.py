@@ -7,6 +7,7 @@ whose ``report`` says what ran in which precision and why.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
@@ -103,20 +104,25 @@ class MixedPrecision:
             "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
             "nodes_per_second": round(len(model.graph_def.node) / max(elapsed, 1e-9), 1),
         })
+        if result.functions:
+            extra["functions"] = {name: dataclasses.asdict(r) for name, r in result.functions.items()}
         report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
         optimized = model.with_graph_def(result.graph_def, report)
         if self._has_evaluation():
             from tf_bf16 import tuning
-            optimized = tuning.tune(self, model, plan, result)
+            optimized = tuning.tune(self, model, plan, result, base_report=report)
         report_lib.log_report(optimized.report)
         return optimized
 
     fit = __call__
 
     def _has_evaluation(self) -> bool:
-        if self.eval_func is not None:
+        """Whether to tune: an eval_func, or evaluation data from code or the YAML config.
+
+        A dataloader without a metric (in code or YAML) is an error raised by the tuner, not
+        a silent skip.
+        """
+        if self.eval_func is not None or self.eval_dataloader is not None:
             return True
-        if self.eval_dataloader is not None and self.metric is not None:
-            return True
-        accuracy = getattr(self.conf.evaluation, "accuracy", None)
-        return accuracy is not None and getattr(accuracy, "dataloader", None) is not None
+        accuracy = self.conf.evaluation.accuracy
+        return accuracy is not None and accuracy.dataloader is not None and accuracy.dataloader.dataset is not None

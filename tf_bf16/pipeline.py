@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Dict
+from typing import Any, Dict
 
 from tensorflow.core.framework import graph_pb2
 
 from tf_bf16.transforms import driver
 from tf_bf16.transforms.bf16_convert import BF16Convert
 from tf_bf16.transforms.fold_casts import fold_casts
+from tf_bf16.transforms.function_bodies import convert_function_bodies
 from tf_bf16.transforms.plan import PrecisionPlan
 
 
@@ -28,6 +29,7 @@ class ConversionResult:
     bf16_nodes: frozenset
     seconds: Dict[str, float]
     consts_converted: int = 0
+    functions: Dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> FunctionReport
 
 
 def clean_up(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
@@ -35,18 +37,34 @@ def clean_up(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.Gr
     return driver.run_transforms(graph_def, plan, driver.DEFAULT_CLEANUP)
 
 
-def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
-    """Stages 2 and 3 on an already cleaned graph (the tuner re-runs only these)."""
-    t0 = time.perf_counter()
-    converter = BF16Convert(cleaned, plan)
+def _convert_stages(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan):
+    """BF16Convert then cast folding on one graph (a model or a function body)."""
+    converter = BF16Convert(graph_def, plan)
     converted = converter.do_transformation()
-    t1 = time.perf_counter()
     folded = fold_casts(converted, plan)  # also drops nodes the Casts' removal left dead
-    t2 = time.perf_counter()
+    return folded, converter
+
+
+def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
+    """Stages 2 and 3 on an already cleaned graph (the tuner re-runs only these).
+
+    Library functions (cond/while branches, PartitionedCall bodies) are converted too, each
+    with FP32 arguments and results, so their callers need no change.
+    """
+    t0 = time.perf_counter()
+    folded, converter = _convert_stages(cleaned, plan)
     reasons = {n: d.reason for n, d in converter.decisions.items() if d.precision == "fp32"}
-    bf16 = frozenset(n for n, d in converter.decisions.items() if d.precision == "bf16")
-    return ConversionResult(folded, cleaned, reasons, bf16,
-                            {"bf16_convert": t1 - t0, "fold_casts": t2 - t1}, converter.consts_converted)
+    bf16 = set(n for n, d in converter.decisions.items() if d.precision == "bf16")
+    functions: Dict[str, Any] = {}
+    if folded.library.function:
+        def body(graph_def, sub_plan):
+            out, conv = _convert_stages(graph_def, sub_plan)
+            return out, {n: (d.precision, d.reason) for n, d in conv.decisions.items()}
+
+        folded, functions = convert_function_bodies(folded, plan, body)
+    t1 = time.perf_counter()
+    return ConversionResult(folded, cleaned, reasons, frozenset(bf16), {"convert": t1 - t0},
+                            converter.consts_converted, functions)
 
 
 def convert_graph(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:

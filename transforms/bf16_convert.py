@@ -107,7 +107,7 @@ class BF16Convert:
             elif name in control_flow:
                 reason = control_flow[name]
             elif self.sigs.is_function(node.op) or node.op in CALL_OPS:
-                reason = "function call: its body is not converted"
+                reason = "function call: its arguments and results stay FP32 (the body is converted on its own)"
             elif forced == FP32:
                 reason = "forced FP32 by config"
             elif cls is None and forced != BF16:
