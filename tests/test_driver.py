@@ -60,7 +60,7 @@ def test_runs_in_order_and_logs_counts(caplog):
 
     registry = dict(driver.TRANSFORMS, first=make("first"), second=make("second"))
     plan = PrecisionPlan(inputs=("x",), outputs=("out",))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         out = driver.run_transforms(_tiny_graph(), plan, ("second", "strip_unused", "first"), transforms=registry)
     assert order == ["second", "first"]
     assert "dead" not in {n.name for n in out.node}
