@@ -1,0 +1,560 @@
+"""Accuracy-aware tuning: the most-BF16 model that meets the accuracy criterion, in few evaluations.
+
+``tune(converter, model, plan, result)`` is called by ``MixedPrecision`` after the full BF16
+conversion when evaluation components are set. It evaluates the FP32 baseline once, then:
+
+1. trial 1 is the full BF16 conversion; if it meets the criterion, that is the answer;
+2. otherwise the fallback candidates are ranked by a first-order sensitivity estimate (one
+   FP32 and one BF16 run on a few batches, ``tf_bf16.sensitivity``), and the cumulative
+   fallback sets ``S_k`` (top-k units forced FP32) are searched: the first guess is the
+   smallest ``S_k`` predicted to remove enough error, then a galloping search upward until
+   one passes; when ``exit_policy.timeout`` allows (> 0) the search goes on with bisection
+   down to the boundary and a bisection that returns the least sensitive nodes to BF16.
+
+Neural Compressor's op-wise search evaluates one single-op fallback per trial (as many
+trials as BF16 ops before accumulating); this search needs about log2 of that. Trials never
+repeat a configuration (they are keyed by the resulting BF16 node set), the exit policy
+(``timeout`` seconds, 0 = stop at the first passing model; ``max_trials``) is respected,
+and when no model meets the goal the best one found is returned with ``goal_met`` False
+and a warning, never None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from absl import logging
+
+from tf_bf16 import common, config as config_lib, data as data_lib, metrics as metrics_lib
+from tf_bf16 import pipeline, report as report_lib, sensitivity
+from tf_bf16.errors import ConfigError
+from tf_bf16.model import Model
+from tf_bf16.transforms.plan import BF16, PrecisionPlan
+
+SENSITIVITY_SAMPLES = 256      # at most this many samples feed the two sensitivity runs
+SENSITIVITY_BATCHES = 8        # ... from at most this many batches
+SYNTHETIC_BATCH = 8            # batch size of random inputs when no data is available
+# The first guess falls back the top units until the unexplained share of the output error
+# is at most allowed_loss / full_bf16_loss, clipped to this range.
+MIN_ERROR_SHARE, MAX_ERROR_SHARE = 0.01, 0.5
+
+
+# --------------------------------------------------------------------------------------
+# criterion
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """``relative`` or ``absolute`` tolerable loss against the FP32 baseline, in the metric's direction."""
+
+    kind: str = "relative"
+    tolerable_loss: float = 0.01
+    higher_is_better: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("relative", "absolute"):
+            raise ValueError(f"criterion kind must be relative or absolute, got {self.kind!r}")
+        if not (self.tolerable_loss >= 0 and math.isfinite(self.tolerable_loss)):
+            raise ValueError(f"tolerable loss must be a finite number >= 0, got {self.tolerable_loss!r}")
+
+    def target(self, baseline: float) -> float:
+        """The worst accuracy that still passes (relative loss is taken of |baseline|)."""
+        margin = self.tolerable_loss * (abs(baseline) if self.kind == "relative" else 1.0)
+        return baseline - margin if self.higher_is_better else baseline + margin
+
+    def passes(self, value: float, baseline: float) -> bool:
+        """Whether ``value`` meets the target (reaching it exactly passes; NaN never does)."""
+        if value is None or not math.isfinite(value):
+            return False
+        target = self.target(baseline)
+        return value >= target if self.higher_is_better else value <= target
+
+    def loss(self, value: float, baseline: float) -> float:
+        """How much worse than the baseline ``value`` is (negative when better)."""
+        return baseline - value if self.higher_is_better else value - baseline
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether accuracy ``a`` is strictly better than ``b``."""
+        if not math.isfinite(a):
+            return False
+        if not math.isfinite(b):
+            return True
+        return a > b if self.higher_is_better else a < b
+
+    def to_dict(self, baseline: Optional[float] = None) -> Dict[str, Any]:
+        out = {"kind": self.kind, "tolerable_loss": self.tolerable_loss, "higher_is_better": self.higher_is_better}
+        if baseline is not None:
+            out["target"] = self.target(baseline)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------
+
+class Evaluator:
+    """Scores a Model: ``eval_func(model)``, or a metric over the batches of a dataloader."""
+
+    def __init__(self, eval_func: Optional[Callable[[Model], float]] = None, dataloader: Any = None,
+                 metric: Any = None):
+        if eval_func is None and (dataloader is None or metric is None):
+            raise ValueError("an Evaluator needs eval_func, or a dataloader and a metric")
+        self.eval_func = eval_func
+        self.dataloader = dataloader
+        self.metric = metric
+
+    @property
+    def higher_is_better(self) -> Optional[bool]:
+        """The metric's own direction when it declares one (None for eval_func)."""
+        if self.eval_func is not None or self.metric is None:
+            return None
+        value = getattr(self.metric, "higher_is_better", None)
+        return None if value is None else bool(value)
+
+    def __call__(self, model: Model) -> float:
+        if self.eval_func is not None:
+            value = self.eval_func(model)
+        else:
+            self.metric.reset()
+            for inputs, labels in common.batches(self.dataloader):
+                outputs = model.run(common.model_feeds(inputs, model.input_names))
+                self.metric.update(outputs[0] if len(outputs) == 1 else outputs, labels)
+            value = self.metric.result()
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"the evaluation returned {value!r}; it must return one number") from e
+
+    def sample_feeds(self, input_names: Sequence[str], max_samples: int = SENSITIVITY_SAMPLES,
+                     max_batches: int = SENSITIVITY_BATCHES) -> List[Dict[str, np.ndarray]]:
+        """The first batches of the dataloader as feeds (empty when there is no dataloader)."""
+        return _first_feeds(self.dataloader, input_names, max_samples, max_batches)
+
+
+def _first_feeds(loader: Any, input_names: Sequence[str], max_samples: int, max_batches: int) -> List[Dict[str, np.ndarray]]:
+    feeds: List[Dict[str, np.ndarray]] = []
+    if loader is None:
+        return feeds
+    seen = 0
+    for inputs, _ in common.batches(loader):
+        feed = common.model_feeds(inputs, input_names)
+        feeds.append(feed)
+        seen += len(next(iter(feed.values())))
+        if seen >= max_samples or len(feeds) >= max_batches:
+            break
+    return feeds
+
+
+def _synthetic_feeds(model: Model, seed: int) -> List[Dict[str, np.ndarray]]:
+    """Random inputs from the model's signature (floats in [0, 1), integers 0); [] if a shape is unknown."""
+    by_node = {spec.name: spec for spec in model.signature.inputs.values()}
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name in model.input_names:
+        spec = by_node.get(name)
+        if spec is None or spec.shape is None or any(d is None for d in spec.shape[1:]):
+            return []
+        shape = (SYNTHETIC_BATCH,) + tuple(int(d) for d in spec.shape[1:])
+        try:
+            dtype = np.dtype(np.float32 if spec.dtype == "bfloat16" else spec.dtype)
+        except TypeError:
+            return []
+        if np.issubdtype(dtype, np.floating):
+            feed[name] = rng.random(shape).astype(dtype)
+        elif np.issubdtype(dtype, np.number) or dtype == np.bool_:
+            feed[name] = np.zeros(shape, dtype)
+        else:   # strings and other kinds: no safe random value
+            return []
+    return [feed]
+
+
+def build_evaluator(converter: Any) -> Evaluator:
+    """The converter's evaluation: eval_func, or dataloader + metric from code or the YAML config."""
+    conf = converter.conf
+    accuracy = conf.evaluation.accuracy
+    loader_conf = accuracy.dataloader if accuracy is not None else None
+    key = "evaluation.accuracy"
+    seed = conf.tuning.random_seed
+    loader = converter.eval_dataloader
+    if loader is not None and not isinstance(loader, common.DataLoader) and common.is_map_dataset(loader) \
+            and not isinstance(loader, (list, tuple)):
+        spec = loader_conf or config_lib.DataLoaderConfig()
+        loader = data_lib.create_dataloader(spec, seed, key + ".dataloader", dataset=loader)
+    if loader is None and loader_conf is not None and loader_conf.dataset is not None:
+        loader = data_lib.create_dataloader(loader_conf, seed, key + ".dataloader")
+    if loader is not None and _one_shot(loader):
+        raise TypeError("converter.eval_dataloader is a one-shot iterator (a generator?); tuning evaluates it "
+                        "many times, so give something re-iterable: a common.DataLoader, a list of batches "
+                        "or a tf.data.Dataset")
+    if converter.eval_func is not None:
+        if not callable(converter.eval_func):
+            raise TypeError(f"converter.eval_func must be callable (model -> float), got {converter.eval_func!r}")
+        return Evaluator(eval_func=converter.eval_func, dataloader=loader)
+    if loader is None:
+        raise ConfigError(f"config key '{key}.dataloader': no evaluation data; set converter.eval_dataloader "
+                          f"or give evaluation.accuracy.dataloader.dataset (or set converter.eval_func)")
+    metric = resolve_metric(converter.metric, accuracy.metric if accuracy is not None else None)
+    return Evaluator(dataloader=loader, metric=metric)
+
+
+def _one_shot(loader: Any) -> bool:
+    """True for an iterator (``iter(x) is x``), also when wrapped by a DataLoader: it can be read only once."""
+    inner = loader.dataset if isinstance(loader, common.DataLoader) and loader.batched else loader
+    try:
+        return iter(inner) is inner
+    except TypeError:
+        return False
+
+
+def resolve_metric(metric: Any, metric_conf: Optional[config_lib.MetricConfig]) -> Any:
+    """A metric object from code (object, class, name or ``{name: params}``) or else from the YAML config."""
+    key = "evaluation.accuracy.metric"
+    if metric is None:
+        if metric_conf is None:
+            raise ConfigError(f"config key '{key}': a metric is required with a dataloader "
+                              f"(e.g. {{topk: 1}}), or set converter.metric or converter.eval_func")
+        return metrics_lib.create_metric(metric_conf)
+    if isinstance(metric, type):
+        metric = metric()
+    if isinstance(metric, (str, Mapping)):
+        parsed = config_lib.load_config({"evaluation": {"accuracy": {"metric": metric}}})
+        return metrics_lib.create_metric(parsed.evaluation.accuracy.metric)
+    if not metrics_lib.is_metric(metric):
+        raise TypeError(f"converter.metric must have update(preds, labels), reset() and result(); got {metric!r}")
+    return metric
+
+
+def resolve_criterion(conf: config_lib.Config, evaluator: Evaluator) -> Criterion:
+    """The config's criterion; lower-is-better when the config or the metric says so."""
+    crit = conf.tuning.accuracy_criterion
+    higher = crit.higher_is_better
+    if evaluator.higher_is_better is False:
+        higher = False
+    return Criterion(crit.criterion, crit.tolerable_loss, higher)
+
+
+# --------------------------------------------------------------------------------------
+# the search over ranked fallback units (pure: no TensorFlow, testable on its own)
+# --------------------------------------------------------------------------------------
+
+# evaluate(fp32 node set, phase) -> True (passes) / False (fails) / None (budget spent: stop)
+EvaluateFn = Callable[[FrozenSet[str], str], Optional[bool]]
+
+
+def prefix_sets(units: Sequence[sensitivity.Unit]) -> List[FrozenSet[str]]:
+    """Distinct growing fallback sets: S_1 = top unit's nodes, S_k adds the next unit that adds nodes."""
+    sets: List[FrozenSet[str]] = []
+    current: FrozenSet[str] = frozenset()
+    for unit in units:
+        grown = current | unit.nodes
+        if grown != current:
+            sets.append(grown)
+            current = grown
+    return sets
+
+
+def predicted_index(units: Sequence[sensitivity.Unit], sets: Sequence[FrozenSet[str]], error_share: float) -> int:
+    """1-based index of the smallest set whose units leave at most ``error_share`` of the total score."""
+    weights = [max(u.score, 0.0) for u in units]
+    total = sum(weights)
+    if not sets or total <= 0:
+        return 1
+    for k, nodes in enumerate(sets, start=1):
+        covered = sum(w for u, w in zip(units, weights) if u.nodes <= nodes)
+        if 1.0 - covered / total <= error_share:
+            return k
+    return len(sets)
+
+
+def search(units: Sequence[sensitivity.Unit], evaluate: EvaluateFn, error_share: float = MIN_ERROR_SHARE,
+           first_pass_only: bool = True) -> Optional[FrozenSet[str]]:
+    """The smallest passing fallback set found over ranked units (None if none passed).
+
+    Predicted set, then doubling until one passes; unless ``first_pass_only``, bisection
+    down to the boundary, then a bisection returning the least sensitive nodes to BF16.
+    """
+    sets = prefix_sets(units)
+    if not sets:
+        return None
+    m = len(sets)
+
+    def at(k: int) -> FrozenSet[str]:
+        return sets[k - 1] if k > 0 else frozenset()
+
+    lo, hi = 0, None
+    k = min(max(predicted_index(units, sets, error_share), 1), m)
+    phase = "predict"
+    while True:
+        outcome = evaluate(at(k), phase)
+        if outcome is None:
+            return None
+        if outcome:
+            hi = k
+            break
+        lo = k
+        if k == m:
+            return None
+        k, phase = min(m, max(k + 1, 2 * k)), "expand"
+    best = at(hi)
+    if first_pass_only:
+        return best
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        outcome = evaluate(at(mid), "bisect")
+        if outcome is None:
+            return at(hi)
+        if outcome:
+            hi = mid
+        else:
+            lo = mid
+    best = at(hi)
+    # Refine: return the least sensitive nodes of the sets before the boundary to BF16.
+    node_score: Dict[str, float] = {}
+    for unit in units:
+        for node in unit.nodes:
+            node_score[node] = max(node_score.get(node, -math.inf), unit.score)
+    removable = sorted(at(hi - 1), key=lambda n: (node_score.get(n, 0.0), n))
+    keep, drop = 0, len(removable) + 1   # dropping `keep` nodes passes; dropping `drop` is assumed to fail
+    while drop - keep > 1:
+        mid = (keep + drop) // 2
+        outcome = evaluate(best - frozenset(removable[:mid]), "refine")
+        if outcome is None:
+            break
+        if outcome:
+            keep = mid
+        else:
+            drop = mid
+    return best - frozenset(removable[:keep])
+
+
+# --------------------------------------------------------------------------------------
+# trials
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Trial:
+    """One evaluated configuration."""
+
+    number: int
+    phase: str
+    accuracy: float
+    passed: bool
+    bf16_share: float
+    bf16_count: int
+    fp32_nodes: Tuple[str, ...]       # nodes BF16 in the full conversion that this trial keeps FP32
+    seconds: float
+    elapsed: float
+    error: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"trial": self.number, "phase": self.phase, "accuracy": self.accuracy, "passed": self.passed,
+               "bf16_share": self.bf16_share, "bf16_nodes": self.bf16_count, "fp32_nodes": list(self.fp32_nodes),
+               "seconds": round(self.seconds, 4), "elapsed": round(self.elapsed, 3)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class _Tuner:
+    """Runs trials for one ``tune`` call: conversion, caching, budget, bookkeeping and logging."""
+
+    def __init__(self, model: Model, plan: PrecisionPlan, full: pipeline.ConversionResult, evaluator: Evaluator,
+                 criterion: Criterion, baseline: float, max_trials: int, timeout: float, start: float):
+        self.model = model
+        self.plan = plan
+        self.full = full
+        self.evaluator = evaluator
+        self.criterion = criterion
+        self.baseline = baseline
+        self.max_trials = max_trials
+        self.timeout = timeout
+        self.start = start
+        self.trials: List[Trial] = []
+        self.cache: Dict[FrozenSet[str], Trial] = {}
+        self.best: Optional[Trial] = None
+        self.best_result: Optional[pipeline.ConversionResult] = None
+        self.stopped = ""
+
+    def budget_left(self) -> bool:
+        """Whether another trial fits the exit policy (the first trial always runs)."""
+        if len(self.trials) >= self.max_trials:
+            self.stopped = f"max_trials ({self.max_trials}) reached"
+            return False
+        if self.trials and self.timeout > 0 and time.perf_counter() - self.start >= self.timeout:
+            self.stopped = f"timeout ({self.timeout:g} s) reached"
+            return False
+        return True
+
+    def run_trial(self, result: pipeline.ConversionResult, phase: str) -> Optional[Trial]:
+        """Evaluate a conversion unless an identical one was evaluated; None when the budget is spent."""
+        key = frozenset(result.bf16_nodes)
+        if key in self.cache:
+            return self.cache[key]
+        if not self.budget_left():
+            return None
+        t0 = time.perf_counter()
+        candidate = self.model.with_graph_def(result.graph_def)
+        error = ""
+        try:
+            accuracy = self.evaluator(candidate)
+        except Exception as e:  # noqa: BLE001 - a broken candidate is a failed trial, not a crash
+            accuracy, error = float("nan"), f"{type(e).__name__}: {e}"
+            logging.warning("tf_bf16 tuning: evaluating trial %d failed: %s", len(self.trials) + 1, error)
+        finally:
+            candidate.close()
+        summary = report_lib.build_report(self.model.graph_def, result.graph_def, {})["summary"]
+        trial = Trial(number=len(self.trials) + 1, phase=phase, accuracy=accuracy,
+                      passed=self.criterion.passes(accuracy, self.baseline), bf16_share=summary["bf16_share"],
+                      bf16_count=len(key), fp32_nodes=tuple(sorted(self.full.bf16_nodes - key)),
+                      seconds=time.perf_counter() - t0, elapsed=time.perf_counter() - self.start, error=error)
+        self.trials.append(trial)
+        self.cache[key] = trial
+        if self._better(trial):
+            self.best, self.best_result = trial, result
+        self._log(trial)
+        return trial
+
+    def evaluate_set(self, fp32_nodes: FrozenSet[str], phase: str) -> Optional[bool]:
+        """The search's callback: convert with ``fp32_nodes`` forced FP32 and evaluate."""
+        result = pipeline.convert_cleaned(self.full.cleaned, self.plan.with_fp32(sorted(fp32_nodes)))
+        trial = self.run_trial(result, phase)
+        return None if trial is None else trial.passed
+
+    def _better(self, trial: Trial) -> bool:
+        best = self.best
+        if best is None:
+            return True
+        if trial.passed != best.passed:
+            return trial.passed
+        if trial.passed:   # both pass: the most BF16 wins, then accuracy
+            if trial.bf16_count != best.bf16_count:
+                return trial.bf16_count > best.bf16_count
+            return self.criterion.better(trial.accuracy, best.accuracy)
+        if self.criterion.better(trial.accuracy, best.accuracy):
+            return True
+        return trial.accuracy == best.accuracy and trial.bf16_count > best.bf16_count
+
+    def _log(self, trial: Trial) -> None:
+        op = ">=" if self.criterion.higher_is_better else "<="
+        logging.info("tf_bf16 tuning: trial %d/%d [%s] accuracy %.4f (target %s %.4f, baseline %.4f) %s | "
+                     "BF16 share %.1f%% | %d node(s) FP32 | %.2fs, elapsed %.1fs",
+                     trial.number, self.max_trials, trial.phase, trial.accuracy, op,
+                     self.criterion.target(self.baseline), self.baseline, "PASS" if trial.passed else "fail",
+                     100 * trial.bf16_share, len(trial.fp32_nodes), trial.seconds, trial.elapsed)
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+def tune(converter: Any, model: Model, plan: PrecisionPlan, result: pipeline.ConversionResult,
+         base_report: Optional[Mapping[str, Any]] = None) -> Model:
+    """Accuracy-aware fallback search from the full BF16 ``result``; returns the chosen model.
+
+    ``base_report`` (the full conversion's report) supplies extra report keys (target, timings).
+    """
+    start = time.perf_counter()
+    conf = converter.conf
+    policy = conf.tuning.exit_policy
+    extra = {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
+    if policy.performance_only:
+        logging.info("tf_bf16 tuning: exit_policy.performance_only is set; no accuracy evaluation")
+        report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
+        report["tuning"] = {"skipped": "tuning.exit_policy.performance_only"}
+        return model.with_graph_def(result.graph_def, report)
+
+    evaluator = build_evaluator(converter)
+    t0 = time.perf_counter()
+    baseline = evaluator(model)
+    baseline_seconds = time.perf_counter() - t0
+    if not math.isfinite(baseline):
+        raise ValueError(f"the FP32 baseline evaluated to {baseline}; the evaluation must return a finite number")
+    criterion = resolve_criterion(conf, evaluator)
+    logging.info("tf_bf16 tuning: FP32 baseline %.4f (%.2fs); criterion %s %g -> target %s %.4f",
+                 baseline, baseline_seconds, criterion.kind, criterion.tolerable_loss,
+                 ">=" if criterion.higher_is_better else "<=", criterion.target(baseline))
+    tuner = _Tuner(model, plan, result, evaluator, criterion, baseline, policy.max_trials, policy.timeout, start)
+    first = tuner.run_trial(result, "full")
+    ranking: Optional[sensitivity.Ranking] = None
+    if first is not None and not first.passed:
+        forced_bf16 = {n for n in result.bf16_nodes if plan.node_precisions.get(n) == BF16}
+        forced_bf16 |= {n.name for n in result.cleaned.node if plan.op_type_precisions.get(n.op) == BF16}
+        candidates = result.bf16_nodes - forced_bf16
+        feeds = evaluator.sample_feeds(model.input_names)
+        if not feeds:
+            feeds = _synthetic_feeds(model, conf.tuning.random_seed)
+        ranking = sensitivity.rank(result.cleaned, result.graph_def, result.bf16_nodes, model.input_names,
+                                   model.output_names, feeds, candidates)
+        full_loss = criterion.loss(first.accuracy, baseline)
+        allowed = abs(criterion.target(baseline) - baseline)
+        share = allowed / full_loss if full_loss > 0 and math.isfinite(full_loss) else MIN_ERROR_SHARE
+        share = min(max(share, MIN_ERROR_SHARE), MAX_ERROR_SHARE)
+        search(ranking.units, tuner.evaluate_set, error_share=share, first_pass_only=policy.timeout <= 0)
+    return _finish(tuner, model, result, ranking, baseline, baseline_seconds, criterion, extra, len(result.bf16_nodes))
+
+
+def _finish(tuner: _Tuner, model: Model, full: pipeline.ConversionResult, ranking: Optional[sensitivity.Ranking],
+            baseline: float, baseline_seconds: float, criterion: Criterion, extra: Dict[str, Any],
+            candidates: int) -> Model:
+    """Build the best model's report, log the statistics table and warn when the goal is not met."""
+    best, best_result = tuner.best, tuner.best_result or full
+    goal_met = bool(best is not None and best.passed)
+    reasons = dict(best_result.fp32_reasons)
+    fallen = set(best.fp32_nodes) if best is not None else set()
+    for name in fallen:
+        reasons[name] = "accuracy tuning fell it back to FP32"
+    report = report_lib.build_report(model.graph_def, best_result.graph_def, reasons, extra)
+    policy = {"timeout": tuner.timeout, "max_trials": tuner.max_trials}
+    tuning = {
+        "baseline": {"accuracy": baseline, "seconds": round(baseline_seconds, 4)},
+        "criterion": criterion.to_dict(baseline),
+        "exit_policy": policy,
+        "candidates": candidates,
+        "trials": [t.to_dict() for t in tuner.trials],
+        "best": best.to_dict() if best is not None else None,
+        "goal_met": goal_met,
+        "evaluations": len(tuner.trials),
+        "stopped": tuner.stopped or ("goal met" if goal_met else "search exhausted"),
+        "sensitivity": ranking.to_dict() if ranking is not None else None,
+        "seconds": round(time.perf_counter() - tuner.start, 3),
+    }
+    report["tuning"] = tuning
+    report["goal_met"] = goal_met
+    for line in format_table(tuning).splitlines():
+        logging.info(line)
+    if not goal_met:
+        logging.warning(
+            "tf_bf16 tuning: no model met the accuracy goal (%s %g, target %s %.4f, baseline %.4f) within the "
+            "exit policy (%s); returning the best model found: trial %s, accuracy %s, BF16 share %s. "
+            "report['goal_met'] is False.",
+            criterion.kind, criterion.tolerable_loss, ">=" if criterion.higher_is_better else "<=",
+            criterion.target(baseline), baseline, tuning["stopped"],
+            best.number if best else "-", f"{best.accuracy:.4f}" if best else "-",
+            f"{100 * best.bf16_share:.1f}%" if best else "-")
+    return model.with_graph_def(best_result.graph_def, report)
+
+
+def format_table(tuning: Mapping[str, Any]) -> str:
+    """The "Tune Result Statistics" table: baseline, every trial and the best one."""
+    header = f"{'Info Type':<16}{'Accuracy':>12}{'BF16 share':>12}{'FP32 nodes':>12}{'Passed':>8}{'Seconds':>9}  Phase"
+    lines = ["Tune Result Statistics", header, "-" * len(header)]
+    base = tuning["baseline"]
+    lines.append(f"{'Baseline (FP32)':<16}{base['accuracy']:>12.4f}{'0.0%':>12}{'all':>12}{'-':>8}"
+                 f"{base['seconds']:>9.2f}")
+
+    def row(label: str, t: Mapping[str, Any]) -> str:
+        return (f"{label:<16}{t['accuracy']:>12.4f}{100 * t['bf16_share']:>11.1f}%{len(t['fp32_nodes']):>12}"
+                f"{'yes' if t['passed'] else 'no':>8}{t['seconds']:>9.2f}  {t['phase']}")
+
+    for t in tuning["trials"]:
+        lines.append(row(f"Tune {t['trial']} result", t))
+    if tuning.get("best"):
+        lines.append(row(f"Best (tune {tuning['best']['trial']})", tuning["best"]))
+    lines.append(f"goal met: {tuning['goal_met']}; {tuning['evaluations']} evaluation(s) besides the baseline "
+                 f"({tuning['stopped']}); target {'>=' if tuning['criterion']['higher_is_better'] else '<='} "
+                 f"{tuning['criterion']['target']:.4f}")
+    return "\n".join(lines)
