@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -27,7 +27,7 @@ _TF_RUNTIME_LINE = re.compile(
     r"|[IWEF]\d{4} \d\d:\d\d:[\d.]+\s+\d+ [\w.]+:\d+\] )")
 
 
-def run_cli(*args: str, cwd: Path = REPO, executable: List[str] = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, executable: Optional[List[str]] = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     command = (executable or [sys.executable, "-m", "tf_bf16"]) + list(args)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -140,3 +140,31 @@ def test_console_script_matches_module(tmp_path):
         pytest.skip("tf-bf16 console script not installed in this environment")
     result = run_cli("frobnicate", executable=[str(script)], cwd=tmp_path)
     assert_one_error_line(result, 2, "frobnicate")
+
+
+def test_convert_writes_model_and_report(tmp_path):
+    out_dir, report = tmp_path / "digits_bf16", tmp_path / "report.json"
+    result = run_cli("convert", f"--input_model={EXAMPLE}", f"--output_model={out_dir}", f"--report={report}",
+                     "--target=spr")
+    assert result.returncode == 0, result.stderr
+    assert "Mixed Precision Statistics" in result.stdout and f"wrote {out_dir}" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["op_types"]["Conv2D"]["bf16"] == data["op_types"]["Conv2D"]["total"] == 2
+    assert data["summary"]["casts_after"] == 2 and data["target"] == "spr"
+    # The written SavedModel reloads with BF16 weights inside and the same signature.
+    inspect = run_cli("inspect", f"--input_model={out_dir}", "--json")
+    summary = json.loads(inspect.stdout)
+    assert summary["ops"]["Conv2D"]["dtypes"] == {"bfloat16": 2}
+    assert [e["name"] for e in summary["inputs"]] == ["image"]
+
+
+def test_convert_refuses_without_bf16_hardware(tmp_path):
+    with open("/proc/cpuinfo") as f:
+        if "avx512_bf16" in f.read():
+            pytest.skip("this CPU has avx512_bf16")
+    env = {k: v for k, v in os.environ.items() if k != "FORCE_BF16"}
+    command = [sys.executable, "-m", "tf_bf16", "convert", f"--input_model={EXAMPLE}",
+               f"--output_model={tmp_path / 'out'}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_error_line(result, 1, "avx512_bf16", "FORCE_BF16")
+    assert not (tmp_path / "out").exists()
