@@ -157,26 +157,29 @@ class BF16Convert:
 
     # ------------------------------------------------------------------ edges
 
-    def _edges(self, vertices: Dict[Vertex, g.TypeSlot]):
-        """Adjacency between float vertices along data edges: (successors, predecessors)."""
-        succ: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
-        pred: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+    def _data_edges(self):
+        """Every typed data edge: (consumer, input index, consumer slot, producer name, port)."""
         for node in self.graph_def.node:
             in_slots = self._in_slots.get(node.name)
             if not in_slots:
                 continue
             for i, spec in enumerate(node.input):
                 src, port, control = g.parse_input(spec)
-                if control or i >= len(in_slots):
-                    continue
-                dst_v = (node.name, in_slots[i].key)
-                out_slots = self._out_slots.get(src)
-                if not out_slots or port >= len(out_slots):
-                    continue
-                src_v = (src, out_slots[port].key)
-                if src_v in vertices and dst_v in vertices:
-                    succ[src_v].append(dst_v)
-                    pred[dst_v].append(src_v)
+                if not control and i < len(in_slots):
+                    yield node, i, in_slots[i], src, port
+
+    def _edges(self, vertices: Dict[Vertex, g.TypeSlot]):
+        """Adjacency between float vertices along data edges: (successors, predecessors)."""
+        succ: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+        pred: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+        for node, _, slot, src, port in self._data_edges():
+            out_slots = self._out_slots.get(src)
+            if not out_slots or port >= len(out_slots):
+                continue
+            src_v, dst_v = (src, out_slots[port].key), (node.name, slot.key)
+            if src_v in vertices and dst_v in vertices:
+                succ[src_v].append(dst_v)
+                pred[dst_v].append(src_v)
         return succ, pred
 
     # ------------------------------------------------------------------ paint
@@ -356,32 +359,25 @@ class BF16Convert:
         casts: Dict[Tuple[str, int, int], str] = {}
         const_copies: Dict[str, str] = {}
         const_consumers = self._const_bf16_demand()
-        for node in list(self.graph_def.node):
-            in_slots = self._in_slots.get(node.name)
-            if not in_slots:
+        for node, i, slot, src, port in list(self._data_edges()):
+            want = g.slot_dtype(node, slot)
+            producer = self.index[src]
+            have = self._output_dtype(producer, port)
+            if want == have or {want, have} != {g.FLOAT, g.BFLOAT16}:
                 continue
-            for i, spec in enumerate(node.input):
-                src, port, control = g.parse_input(spec)
-                if control or i >= len(in_slots):
-                    continue
-                want = g.slot_dtype(node, in_slots[i])
-                producer = self.index[src]
-                have = self._output_dtype(producer, port)
-                if want == have or {want, have} != {g.FLOAT, g.BFLOAT16}:
-                    continue
-                if producer.op == "Const" and want == g.BFLOAT16 and src not in self.plan.protected:
-                    node.input[i] = self._bf16_const(producer, const_consumers, const_copies, existing, new_nodes)
-                    continue
-                key = (src, port, want)
-                if key not in casts:
-                    suffix = "CastToBf16" if want == g.BFLOAT16 else "CastToFp32"
-                    cast_name = g.unique_name(existing, f"{src}/{suffix}" + (f"_{port}" if port else ""))
-                    cast = g.make_cast(cast_name, g.tensor_name(src, port), have, want, device=producer.device)
-                    existing[cast_name] = cast
-                    new_nodes.append(cast)
-                    casts[key] = cast_name
-                    self.casts_added["to_bf16" if want == g.BFLOAT16 else "to_fp32"] += 1
-                node.input[i] = casts[key]
+            if producer.op == "Const" and want == g.BFLOAT16 and src not in self.plan.protected:
+                node.input[i] = self._bf16_const(producer, const_consumers, const_copies, existing, new_nodes)
+                continue
+            key = (src, port, want)
+            if key not in casts:
+                suffix = "CastToBf16" if want == g.BFLOAT16 else "CastToFp32"
+                cast_name = g.unique_name(existing, f"{src}/{suffix}" + (f"_{port}" if port else ""))
+                cast = g.make_cast(cast_name, g.tensor_name(src, port), have, want, device=producer.device)
+                existing[cast_name] = cast
+                new_nodes.append(cast)
+                casts[key] = cast_name
+                self.casts_added["to_bf16" if want == g.BFLOAT16 else "to_fp32"] += 1
+            node.input[i] = casts[key]
         self.graph_def.node.extend(new_nodes)
         return self.graph_def
 

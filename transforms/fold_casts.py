@@ -61,17 +61,22 @@ def _rewire(graph_def: graph_pb2.GraphDef, replace: Dict[str, str]) -> None:
                 node.input[i] = replace[spec[:-2]]
 
 
-def _fold_cast_chains(graph_def: graph_pb2.GraphDef, protected) -> bool:
+def _casts_of(graph_def: graph_pb2.GraphDef, protected, producer_op: str):
+    """(Cast, producer) pairs where an unprotected Cast reads output 0 of a ``producer_op`` node."""
     nodes = {n.name: n for n in graph_def.node}
-    replace: Dict[str, str] = {}
-    changed = False
-    for node in graph_def.node:
+    for node in list(graph_def.node):
         if node.op != "Cast" or node.name in protected or not node.input:
             continue
         src, port, _ = g.parse_input(node.input[0])
-        first = nodes.get(src)
-        if first is None or first.op != "Cast" or port != 0:
-            continue
+        producer = nodes.get(src)
+        if producer is not None and producer.op == producer_op and port == 0:
+            yield node, producer
+
+
+def _fold_cast_chains(graph_def: graph_pb2.GraphDef, protected) -> bool:
+    replace: Dict[str, str] = {}
+    changed = False
+    for node, first in _casts_of(graph_def, protected, "Cast"):
         a, b = _cast_types(first)
         b2, c = _cast_types(node)
         if b != b2 or (a, b) not in _EXACT_WIDENING:
@@ -107,15 +112,8 @@ def _fold_const_casts(graph_def: graph_pb2.GraphDef, protected) -> bool:
     """Turn Const->Cast into a Const of the Cast's dtype, named like the Cast."""
     from tensorflow.python.framework import dtypes
 
-    nodes = {n.name: n for n in graph_def.node}
     changed = False
-    for node in graph_def.node:
-        if node.op != "Cast" or node.name in protected or not node.input:
-            continue
-        src, port, _ = g.parse_input(node.input[0])
-        const = nodes.get(src)
-        if const is None or const.op != "Const" or port != 0:
-            continue
+    for node, const in _casts_of(graph_def, protected, "Const"):
         if any(s.startswith("^") for s in node.input[1:]):
             continue
         dst = node.attr["DstT"].type

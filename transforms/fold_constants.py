@@ -17,7 +17,7 @@ from absl import logging
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 from tensorflow.python.framework import errors
 
-from tf_bf16.transforms.graph import (STATEFUL_SOURCE_OPS, GraphIndex, OpSignatures, copy_graph,
+from tf_bf16.transforms.graph import (STATEFUL_SOURCE_OPS, V1_CONTROL_FLOW_OPS, GraphIndex, OpSignatures, copy_graph,
                                       make_const, parse_input, reachable_from, rebuild, slot_dtype,
                                       unique_name)
 from tf_bf16.transforms.plan import PrecisionPlan
@@ -29,11 +29,7 @@ MAX_FOLDED_ELEMENTS = 10_000_000
 MAX_GROWTH = 4
 
 # Never constant even with constant inputs: they carry frame/deadness or feed values in.
-CONTROL_FLOW_OPS = frozenset({
-    "Switch", "RefSwitch", "_SwitchN", "Merge", "RefMerge", "Enter", "RefEnter", "Exit", "RefExit",
-    "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger",
-})
-NEVER_FOLD_OPS = STATEFUL_SOURCE_OPS | CONTROL_FLOW_OPS | frozenset({"_Retval", "_Recv", "_Send", "_HostRecv",
+NEVER_FOLD_OPS = STATEFUL_SOURCE_OPS | V1_CONTROL_FLOW_OPS | frozenset({"_Retval", "_Recv", "_Send", "_HostRecv",
                                                                      "_HostSend"})
 UNFOLDABLE_DTYPES = frozenset({types_pb2.DT_RESOURCE, types_pb2.DT_VARIANT, types_pb2.DT_INVALID})
 

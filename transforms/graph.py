@@ -23,6 +23,13 @@ BFLOAT16 = types_pb2.DT_BFLOAT16
 # constant folding and dead-node removal must never treat them as pure.
 STATEFUL_SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "PlaceholderV2", "_Arg"})
 
+# TF1 (v1) control-flow ops: they carry frames and deadness, so passes never fold, bypass or
+# retype across them.
+V1_CONTROL_FLOW_OPS = frozenset({
+    "Switch", "RefSwitch", "_SwitchN", "Merge", "RefMerge", "Enter", "RefEnter", "Exit", "RefExit",
+    "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger",
+})
+
 
 def parse_input(spec: str) -> Tuple[str, int, bool]:
     """Split an input string (``name``, ``name:1`` or ``^name``) into (node, port, is_control)."""

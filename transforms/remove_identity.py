@@ -14,7 +14,8 @@ from typing import Dict, List, Set, Tuple
 
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
-from tf_bf16.transforms.graph import GraphIndex, canonical_tensor, copy_graph, parse_input, rebuild
+from tf_bf16.transforms.graph import (V1_CONTROL_FLOW_OPS, GraphIndex, canonical_tensor, copy_graph, parse_input,
+                                      rebuild)
 from tf_bf16.transforms.plan import PrecisionPlan
 
 # Ops whose output k equals data input k at inference time (all but IdentityN have one).
@@ -23,10 +24,6 @@ PASS_THROUGH_OPS = frozenset({
 })
 
 # v1 control-flow ops: an Identity reading from or feeding one of these is kept.
-CONTROL_FLOW_OPS = frozenset({
-    "Switch", "RefSwitch", "_SwitchN", "Merge", "RefMerge", "Enter", "RefEnter", "Exit", "RefExit",
-    "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger",
-})
 
 # removed node -> (tensor read instead of each output port, control inputs readers inherit)
 _Forward = Dict[str, Tuple[List[str], List[str]]]
@@ -60,11 +57,11 @@ def _removable(node: node_def_pb2.NodeDef, index: GraphIndex, protected: Set[str
         return False
     for spec in data:  # IdentityN forwards input k to output k; the others have one of each
         source = parse_input(spec)[0]
-        if source not in index or index[source].op in CONTROL_FLOW_OPS:
+        if source not in index or index[source].op in V1_CONTROL_FLOW_OPS:
             return False
     consumers = [c for c, _ in index.consumers(node.name)] + index.control_consumers(node.name)
     # Moving control inputs (and the value) onto a control-flow op would change deadness rules.
-    return not any(c.op in CONTROL_FLOW_OPS for c in consumers)
+    return not any(c.op in V1_CONTROL_FLOW_OPS for c in consumers)
 
 
 def _rewire(node: node_def_pb2.NodeDef, forward: _Forward) -> None:
