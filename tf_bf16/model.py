@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from tf_bf16 import model_io
-from tf_bf16.errors import ModelLoadError, ModelSaveError
+from tf_bf16.errors import ModelSaveError
 from tf_bf16.transforms import graph as graph_lib
 
 Feeds = Union[Mapping[str, Any], Sequence[Any]]

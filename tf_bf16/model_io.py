@@ -10,11 +10,11 @@ import dataclasses
 import os
 import shutil
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from absl import logging
 from google.protobuf import message, text_format
-from tensorflow.core.framework import graph_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2
 
 from tf_bf16.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
 from tf_bf16.transforms import graph as graph_lib

@@ -7,7 +7,7 @@ counted), so the numbers can be checked against the saved model.
 from __future__ import annotations
 
 import collections
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from absl import logging
 from tensorflow.core.framework import graph_pb2, types_pb2

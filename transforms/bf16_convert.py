@@ -228,8 +228,7 @@ class BF16Convert:
             node = self.index.nodes.get(name)
             if node is None:
                 continue
-            slots = self._in_slots.get(name) or []
-            for i, spec in enumerate(node.input):
+            for spec in node.input:
                 src, port, control = g.parse_input(spec)
                 src_slots = self._out_slots.get(src) or []
                 if not control and port < len(src_slots):

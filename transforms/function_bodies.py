@@ -9,7 +9,7 @@ Polymorphic functions (signature type attrs) are left as they are and reported.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2
 
