@@ -1,0 +1,140 @@
+"""The model variants the benchmarks compare, each a ``tf_bf16.Model`` plus how it was made.
+
+* ``fp32``: the frozen graph as loaded.
+* ``fp32_cleaned``: tf_bf16's FP32 clean-up alone (``pipeline.clean_up``: strip, identities,
+  constants, BatchNorm folding), to separate what clean-up gains from what BF16 gains.
+* ``tf_amp``: TensorFlow's own Grappler ``auto_mixed_precision_onednn_bfloat16`` pass applied
+  offline (``tf_bf16.tf_amp.tf_amp_bf16``), run as a plain graph.
+* ``tf_amp_runtime``: the FP32 graph run with that pass switched on in the session config
+  (what a user gets from TensorFlow alone); its counts are not known offline.
+* ``tf_bf16``: ``build_plan`` + ``pipeline.convert_graph`` (what ``MixedPrecision()`` does
+  without tuning data; called directly so the benchmark host needs no PyYAML).
+* ``inc``: Intel Neural Compressor 3.x (``neural-compressor-tf``) BF16 rewrite, only where it
+  is installed: its pre-optimization, then its ``BF16Convert`` on every node of the op types its
+  own capability table lists as BF16 for this TensorFlow version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "inc")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One runnable variant: its model, whether the session turns TF's AMP on, and its counts."""
+
+    name: str
+    model: Any                      # tf_bf16.Model
+    summary: Optional[Dict[str, Any]]
+    convert_seconds: Optional[float]
+    amp_runtime: bool = False
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def counts(self) -> Dict[str, Any]:
+        """casts, bf16_share and nodes of the graph this variant runs (None when unknown)."""
+        s = self.summary or {}
+        return {"casts": s.get("casts_after"), "bf16_share": s.get("bf16_share"), "nodes": s.get("nodes_after")}
+
+
+def _summary(before: Any, after: Any) -> Dict[str, Any]:
+    """tf_bf16's report summary (Casts, BF16 share, nodes) of ``after``."""
+    from tf_bf16.report import build_report
+
+    return build_report(before, after, {})["summary"]
+
+
+def fp32(model: Any) -> Variant:
+    """The FP32 baseline."""
+    return Variant("fp32", model, _summary(model.graph_def, model.graph_def), None)
+
+
+def fp32_cleaned(model: Any) -> Variant:
+    """tf_bf16's generic FP32 clean-up only (no BF16)."""
+    from tf_bf16 import pipeline
+    from tf_bf16.plan_builder import build_plan
+
+    start = time.perf_counter()
+    graph_def = pipeline.clean_up(model.graph_def, build_plan(model.graph_def, model.input_names, model.output_names))
+    seconds = time.perf_counter() - start
+    return Variant("fp32_cleaned", model.with_graph_def(graph_def), _summary(model.graph_def, graph_def), seconds)
+
+
+def tf_amp(model: Any) -> Variant:
+    """TensorFlow's AMP pass applied offline (constant folding on, as the runtime pass gets it)."""
+    from tf_bf16.tf_amp import tf_amp_bf16
+
+    start = time.perf_counter()
+    graph_def = tf_amp_bf16(model.graph_def, model.output_names, constant_folding=True)
+    seconds = time.perf_counter() - start
+    return Variant("tf_amp", model.with_graph_def(graph_def), _summary(model.graph_def, graph_def), seconds)
+
+
+def tf_amp_runtime(model: Any) -> Variant:
+    """The FP32 graph with TensorFlow's AMP pass on in the session."""
+    return Variant("tf_amp_runtime", model.with_graph_def(model.graph_def), None, None, amp_runtime=True)
+
+
+def tf_bf16(model: Any) -> Variant:
+    """tf_bf16's pipeline with the default plan for this TensorFlow's kernels."""
+    from tf_bf16 import pipeline
+    from tf_bf16.plan_builder import build_plan
+
+    start = time.perf_counter()
+    plan = build_plan(model.graph_def, model.input_names, model.output_names)
+    result = pipeline.convert_graph(model.graph_def, plan)
+    seconds = time.perf_counter() - start
+    stages = {k: round(v, 3) for k, v in result.seconds.items()}
+    return Variant("tf_bf16", model.with_graph_def(result.graph_def), _summary(model.graph_def, result.graph_def),
+                   seconds, extra={"convert_stages": stages})
+
+
+def inc_available() -> Tuple[bool, str]:
+    """Whether Intel Neural Compressor 3.x for TensorFlow can be imported, and its version or why not."""
+    try:
+        importlib.import_module("neural_compressor.tensorflow")
+        from importlib import metadata
+        return True, metadata.version("neural-compressor-tf")
+    except Exception as exc:  # noqa: BLE001 - any import failure just means "no INC column"
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def inc(model: Any) -> Variant:
+    """Neural Compressor 3.x's BF16 rewrite (pre-optimization + BF16Convert on its BF16 op types)."""
+    from neural_compressor.tensorflow.algorithms.static_quant import tensorflow as inc_tf
+    from neural_compressor.tensorflow.quantization.utils.graph_rewriter.bf16.bf16_convert import BF16Convert
+    from neural_compressor.tensorflow.quantization.utils.graph_rewriter.generic.pre_optimize import PreOptimization
+    from neural_compressor.tensorflow.utils import Model as IncModel
+
+    logging.getLogger("neural_compressor").setLevel(logging.WARNING)  # its per-pass INFO lines (stderr)
+
+    _, version = inc_available()
+    start = time.perf_counter()
+    wrapped = IncModel(model.graph_def)
+    wrapped.input_tensor_names = list(model.input_names)
+    wrapped.output_tensor_names = [name.split(":")[0] for name in model.output_names]
+    optimized = PreOptimization(wrapped, new_api=False, device="cpu").get_optimized_model()
+    table = os.path.join(os.path.dirname(inc_tf.__file__), "tensorflow.yaml")
+    op_types = set(inc_tf.TensorflowQuery(local_config_file=table).get_op_types_by_precision("bf16"))
+    names = [n.name for n in optimized.graph_def.node if n.op in op_types]
+    graph_def = BF16Convert(optimized.graph_def, [], names).do_transformation()
+    seconds = time.perf_counter() - start
+    return Variant("inc", model.with_graph_def(graph_def), _summary(model.graph_def, graph_def), seconds,
+                   extra={"inc_version": version, "inc_bf16_op_types": sorted(op_types)})
+
+
+BUILDERS: Mapping[str, Callable[[Any], Variant]] = {
+    "fp32": fp32, "fp32_cleaned": fp32_cleaned, "tf_amp": tf_amp, "tf_amp_runtime": tf_amp_runtime, "tf_bf16": tf_bf16, "inc": inc}
+
+
+def make(name: str, model: Any) -> Variant:
+    """Build variant ``name`` of the FP32 ``model``."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    return BUILDERS[name](model)
