@@ -651,3 +651,20 @@ def test_save_refuses_to_replace_unrelated_directory(cnn: keras.Model, tmp_path:
         Model(cnn).save(str(target))
     assert (target / "notes.txt").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["user_data"]
+
+
+def test_weights_over_the_protobuf_limit_are_refused(tmp_path, monkeypatch):
+    """A model whose weights exceed what one frozen GraphDef can hold gets a clear error.
+
+    The real limit is 2 GiB; the test lowers it so a small model stands in for a huge one.
+    """
+    from tf_bf16 import model_io
+    from tf_bf16.errors import UnsupportedModelError
+
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64)])
+    path = str(tmp_path / "sm")
+    model.export(path, verbose=False)
+    monkeypatch.setattr(model_io, "MAX_PROTO_BYTES", 1024)
+    for source in (path, model):
+        with pytest.raises(UnsupportedModelError, match="2 GiB"):
+            Model(source)
