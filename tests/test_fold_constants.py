@@ -12,18 +12,11 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
 from tests import zoo  # noqa: E402
+from tests.zoo import run_graph as _run  # noqa: E402
 from tf_bf16.transforms.fold_constants import fold_constants  # noqa: E402
 from tf_bf16.transforms.graph import const_value, parse_input  # noqa: E402
 from tf_bf16.transforms.plan import PrecisionPlan  # noqa: E402
 from tf_bf16.transforms.remove_identity import remove_identity  # noqa: E402
-
-
-def _run(graph_def: graph_pb2.GraphDef, fetches, feeds):
-    g = tf.Graph()
-    with g.as_default():
-        tf.graph_util.import_graph_def(graph_def, name="")
-    with tf.compat.v1.Session(graph=g) as session:
-        return session.run(fetches, feeds)
 
 
 def _nodes(graph_def: graph_pb2.GraphDef) -> dict:

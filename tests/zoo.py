@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 SEED = 0
 
@@ -217,3 +218,12 @@ def digits_cnn(epochs: int = 12) -> Tuple[keras.Model, Tuple[np.ndarray, np.ndar
 def accuracy(probs: np.ndarray, labels: Sequence[int]) -> float:
     """Top-1 accuracy of class probabilities (or logits) against integer labels."""
     return float(np.mean(np.argmax(probs, axis=-1) == np.asarray(labels)))
+
+
+def run_graph(graph_def: Any, fetches: Any, feeds: Any) -> Any:
+    """Run ``fetches`` of a GraphDef in a fresh graph and session (for pass tests on raw graphs)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        return session.run(fetches, feeds)
