@@ -72,7 +72,7 @@ class BF16Convert:
         blocked = self._blocked_vertices(float_vertices)
         painted = self._paint(float_vertices, blocked)
         self._record_decisions(float_vertices, blocked, painted)
-        return self._rewrite(painted)
+        return self._rewrite({v: float_vertices[v] for v in painted})
 
     # ------------------------------------------------------------------ vertices
 
@@ -120,8 +120,6 @@ class BF16Convert:
                 reason = f"{node.op}'s OpDef does not allow bfloat16 for {slot.attr}"
             elif not self.plan.kernel_has_bf16(node.op, slot.attr):
                 reason = f"no CPU bfloat16 kernel for {node.op} (attr {slot.attr}) in this TensorFlow"
-            elif not self._all_slots_float(node, slot):
-                reason = f"attr {slot.attr} also types a non-float32 tensor"
             if reason:
                 blocked[(name, key)] = reason
         return blocked
@@ -129,10 +127,6 @@ class BF16Convert:
     def _dtype_allows_bf16(self, op: str, attr: str) -> bool:
         allowed = self.sigs.allowed_types(op, attr)
         return allowed is None or g.BFLOAT16 in allowed
-
-    def _all_slots_float(self, node: node_def_pb2.NodeDef, slot: g.TypeSlot) -> bool:
-        # A fixed-type slot never shares an attr; an attr slot's dtype is the attr's.
-        return g.slot_dtype(node, slot) == g.FLOAT
 
     def _control_flow_nodes(self) -> Dict[str, str]:
         """Nodes inside v1 while-loop frames or cond branches: FP32, with the reason."""
@@ -192,8 +186,8 @@ class BF16Convert:
                 blocked[v] = STAT_REASON
         sources = [v for v, why in blocked.items()
                    if op_class(self.index[v[0]].op) is OpClass.DENY or why == STAT_REASON]
-        self._taint(vertices, blocked, succ, pred, sources)
-        self._block_output_tail(vertices, blocked, pred)
+        self._taint(blocked, succ, pred, sources)
+        self._block_output_tail(vertices, blocked, succ, pred)
 
         def cls(v: Vertex) -> Optional[OpClass]:
             return op_class(self.index[v[0]].op)
@@ -210,12 +204,10 @@ class BF16Convert:
             for w in succ.get(v, []) + pred.get(v, []):
                 if w not in painted and w not in blocked and cls(w) in (OpClass.INFER, OpClass.CLEAR, OpClass.ALLOW):
                     stack.append(w)
-        # Every vertex of a node moves together when they are linked by data (e.g. Select's T):
-        # vertices are independent attrs, so nothing else to do here.
         return painted
 
     def _block_output_tail(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str],
-                           pred: Dict[Vertex, List[Vertex]]) -> None:
+                           succ: Dict[Vertex, List[Vertex]], pred: Dict[Vertex, List[Vertex]]) -> None:
         """Keep the last INFER op before each graph output FP32 (and CLEAR ops after it).
 
         That op (a final Softmax, BiasAdd or Add) is cheap, and running it in FP32 means the
@@ -241,33 +233,32 @@ class BF16Convert:
             seen.add(v)
             cls = op_class(self.index[v[0]].op)
             if cls is OpClass.CLEAR:
-                blocked[v] = OUTPUT_REASON
                 stack.extend(pred.get(v, ()))
             elif cls is OpClass.INFER and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
                 blocked[v] = OUTPUT_REASON
-        # CLEAR vertices that reached no INFER vertex gain nothing from FP32: release them.
-        for v in seen:
-            if blocked.get(v) == OUTPUT_REASON and op_class(self.index[v[0]].op) is OpClass.CLEAR:
-                if not any(blocked.get(p) == OUTPUT_REASON for p in self._upstream_infer(v, pred, seen)):
-                    del blocked[v]
+        # CLEAR vertices between such an INFER op and the output stay FP32 with it; those that
+        # reach no INFER op gain nothing from FP32 and are left free.
+        anchors = {v for v in seen if blocked.get(v) == OUTPUT_REASON}
+        for v in self._linked_through_clear(anchors, seen, succ) - anchors:
+            blocked[v] = OUTPUT_REASON
 
-    def _upstream_infer(self, v: Vertex, pred: Dict[Vertex, List[Vertex]], within: Set[Vertex]) -> List[Vertex]:
-        """INFER vertices reachable upstream of ``v`` through CLEAR vertices inside ``within``."""
-        out, stack, seen = [], list(pred.get(v, ())), set()
+    def _linked_through_clear(self, anchors: Set[Vertex], members: Set[Vertex],
+                              step: Dict[Vertex, List[Vertex]]) -> Set[Vertex]:
+        """``anchors`` plus the CLEAR vertices of ``members`` reached from them along ``step``.
+
+        Both FP32 regions (deny/statistics and the output tail) keep a CLEAR vertex only when
+        it connects to one of their INFER members; elsewhere it is free to go BF16.
+        """
+        linked, stack = set(anchors), list(anchors)
         while stack:
-            w = stack.pop()
-            if w in seen or w not in within:
-                continue
-            seen.add(w)
-            if op_class(self.index[w[0]].op) is OpClass.INFER:
-                out.append(w)
-            else:
-                stack.extend(pred.get(w, ()))
-        return out
+            for w in step.get(stack.pop(), ()):
+                if w in members and w not in linked and op_class(self.index[w[0]].op) is OpClass.CLEAR:
+                    linked.add(w)
+                    stack.append(w)
+        return linked
 
-    def _taint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str],
-               succ: Dict[Vertex, List[Vertex]], pred: Dict[Vertex, List[Vertex]],
-               sources: List[Vertex]) -> None:
+    def _taint(self, blocked: Dict[Vertex, str], succ: Dict[Vertex, List[Vertex]],
+               pred: Dict[Vertex, List[Vertex]], sources: List[Vertex]) -> None:
         """Grow an FP32 region from deny ops and normalization statistics.
 
         A downstream INFER/CLEAR vertex joins the region when every float input it reads comes
@@ -312,20 +303,8 @@ class BF16Convert:
         # A CLEAR vertex stays in the region only on the way to an INFER member: one that
         # merely forwards the region's output (a Reshape before a MatMul) may go BF16, so the
         # region's single border Cast is shared with the other consumers.
-        keep = {v for v in region if v in sources or op_class(self.index[v[0]].op) is OpClass.INFER}
-        preds: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
-        for v in region:
-            for w in succ.get(v, ()):
-                if w in region:
-                    preds[w].append(v)
-        stack = list(keep)
-        while stack:
-            v = stack.pop()
-            for p in preds.get(v, ()):
-                if p not in keep:
-                    keep.add(p)
-                    stack.append(p)
-        for v in keep:
+        anchors = {v for v in region if v in sources or op_class(self.index[v[0]].op) is OpClass.INFER}
+        for v in self._linked_through_clear(anchors, region, pred):
             if v not in blocked:
                 blocked[v] = f"fed by FP32-only node {origin[v]}"
 
@@ -347,12 +326,9 @@ class BF16Convert:
 
     # ------------------------------------------------------------------ rewrite
 
-    def _rewrite(self, painted: Set[Vertex]) -> graph_pb2.GraphDef:
-        for name, key in painted:
-            node = self.index[name]
-            for slot in self.sigs.type_attrs(node):
-                if slot.key == key:
-                    g.set_slot_dtype(node, slot, g.BFLOAT16)
+    def _rewrite(self, painted: Dict[Vertex, g.TypeSlot]) -> graph_pb2.GraphDef:
+        for (name, _), slot in painted.items():
+            g.set_slot_dtype(self.index[name], slot, g.BFLOAT16)
         existing = dict(self.index.nodes)
         new_nodes: List[node_def_pb2.NodeDef] = []
         casts: Dict[Tuple[str, int, int], str] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
@@ -420,15 +420,6 @@ def rebuild(graph_def: graph_pb2.GraphDef, nodes: Iterable[node_def_pb2.NodeDef]
     out.library.CopyFrom(graph_def.library)
     out.node.extend(nodes)
     return out
-
-
-def op_histogram(graph_def: graph_pb2.GraphDef) -> Dict[str, int]:
-    return dict(collections.Counter(n.op for n in graph_def.node))
-
-
-def iter_nodes(graph_def: graph_pb2.GraphDef, ops: Iterable[str]) -> Iterator[node_def_pb2.NodeDef]:
-    wanted = set(ops)
-    return (n for n in graph_def.node if n.op in wanted)
 
 
 IDENTITY_OPS = frozenset({"Identity", "StopGradient", "Snapshot", "PreventGradient"})
