@@ -34,6 +34,16 @@ def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tests_module(name: str) -> Any:
+    """``tests.<name>`` (the shared model and graph builders), importable from a checkout that is not installed."""
+    import importlib
+
+    root = repo_root()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"tests.{name}")
+
+
 @dataclasses.dataclass(frozen=True)
 class HostInfo:
     """What a measurement ran on; ``note`` warns when BF16 has no hardware support."""

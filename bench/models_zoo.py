@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from types import ModuleType
 from typing import Any, List
 
 import numpy as np
 
-from bench.common import repo_root
+from bench.common import tests_module
 
 MODELS = ("resnet50", "mobilenetv2", "bert_base")
 # BERT-base sizes (hidden, heads, intermediate, sequence length); the layer count is a flag.
@@ -22,10 +20,7 @@ BERT_BASE = {"hidden": 768, "heads": 12, "intermediate": 3072, "seq_len": 128}
 
 def zoo() -> ModuleType:
     """``tests.zoo``, importable from a checkout that is not installed."""
-    root = repo_root()
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module("tests.zoo")
+    return tests_module("zoo")
 
 
 def build(name: str, bert_layers: int = 4, bert_vocab: int = 30522, trained_like: bool = True) -> Any:

@@ -51,7 +51,7 @@ quantization:
     weight: {granularity: per_channel, scheme: sym, dtype: int8, algorithm: minmax}
     activation: {algorithm: [minmax, kl]}
   op_wise:
-    conv1/Conv2D:
+    conv3/Conv2D:
       activation: {dtype: fp32}
 evaluation:
   accuracy:
@@ -145,7 +145,7 @@ def test_full_yaml_file_loads_with_defaults_filled(tmp_path):
     assert quant.model_wise.weight.granularity == ("per_channel",)
     assert quant.model_wise.activation.algorithm == ("minmax", "kl")
     assert quant.model_wise.activation.dtype is None
-    assert quant.op_wise["conv1/Conv2D"].activation.dtype == ("fp32",)
+    assert quant.op_wise["conv3/Conv2D"].activation.dtype == ("fp32",)
 
     acc = cfg.evaluation.accuracy
     assert acc.metric == config_lib.MetricConfig("topk", 1, True)
@@ -230,12 +230,14 @@ def test_strategy_sensitivity_and_precision_fp32_only():
 
 def test_op_wise_and_op_type_wise_resolution(tmp_path):
     cfg = load_config(_write(tmp_path, FULL_YAML))
+    # mixed_precision.op_wise and quantization.op_wise (fp32/bf16 entries) both force nodes
     assert cfg.node_precisions() == {"dense/MatMul": "fp32", "conv1/Conv2D": "bf16",
-                                     "embedding/Gather": "fp32"}
+                                     "embedding/Gather": "fp32", "conv3/Conv2D": "fp32"}
     assert cfg.op_type_precisions() == {"Softmax": "fp32"}
     # the entry allowing both is kept in the tree but forces nothing
     assert cfg.mixed_precision.op_wise["conv2/Conv2D"].activation == ("bf16", "fp32")
-    assert cfg.mixed_precision.node_precisions() == cfg.node_precisions()
+    assert cfg.mixed_precision.node_precisions() == {k: v for k, v in cfg.node_precisions().items()
+                                                     if k != "conv3/Conv2D"}
 
 
 @pytest.mark.parametrize("entry, expected", [
@@ -493,3 +495,64 @@ def test_with_overrides():
     assert cfg.tuning.accuracy_criterion.criterion == "relative"  # original untouched
     with pytest.raises(ConfigError, match="'tuning.exit_policy.timeout'"):
         cfg.with_overrides({"tuning.exit_policy.timeout": -1})
+
+
+# ---------------------------------------------------------------- quantization dtype overrides
+
+def _graph_a_converter(conf: Dict[str, Any]):
+    from tf_bf16 import MixedPrecision
+    from tf_bf16.model import Model
+    from tests import zoo
+
+    converter = MixedPrecision(conf, target="spr", env={})
+    converter.model = Model(zoo.three_conv_graph(), inputs=["input"], outputs=["final"])
+    return converter
+
+
+def _t(model, name: str) -> str:
+    from tf_bf16.transforms import graph as g
+
+    node = next(n for n in model.graph_def.node if n.name == name)
+    return "bf16" if node.attr["T"].type == g.BFLOAT16 else "fp32"
+
+
+def test_quantization_op_wise_fp32_keeps_that_node_fp32_as_in_neural_compressor():
+    keep = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
+    out = _graph_a_converter({"quantization": {"op_wise": {"conv3": keep}}})()
+    assert _t(out, "conv3") == "fp32" and _t(out, "conv1") == "bf16" and _t(out, "conv2") == "bf16"
+    reasons = {r["name"]: r["reason"] for r in out.report["fp32_nodes"]}
+    assert "forced FP32 by config" in reasons["conv3"]
+    plain = _graph_a_converter({})()
+    assert _t(plain, "conv3") == "bf16"   # the override, not the graph, kept it FP32
+
+
+def test_quantization_op_wise_bf16_forces_a_deny_op_and_model_wise_fp32_disables_bf16():
+    out = _graph_a_converter({"quantization": {"op_wise": {"log1": {"activation": {"dtype": ["bf16"]}}}}})()
+    assert _t(out, "log1") == "bf16"
+    fp32 = _graph_a_converter({"quantization": {"model_wise": {"activation": {"dtype": ["fp32"]}}}})
+    assert fp32.precisions == ("fp32",)
+    assert all(_t(fp32(), n) == "fp32" for n in ("conv1", "conv2", "conv3"))
+
+
+@pytest.mark.parametrize("conf,key", [
+    ({"quantization": {"op_wise": {"conv3": {"activation": {"dtype": ["int8"]}}}}},
+     "quantization.op_wise.conv3.activation.dtype"),
+    ({"quantization": {"model_wise": {"weight": {"dtype": ["uint8", "fp32"]}}}}, "quantization.model_wise.weight.dtype"),
+])
+def test_quantization_int8_is_refused_until_the_int8_stage_exists(conf, key):
+    from tf_bf16 import MixedPrecision
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
+        MixedPrecision(conf)
+    assert "INT8 stage" in str(info.value) and "bf16, fp32" in str(info.value)
+
+
+def test_quantization_and_mixed_precision_op_wise_must_agree():
+    from tf_bf16 import MixedPrecision
+
+    conf = {"mixed_precision": {"op_wise": {"conv3": {"activation": {"dtype": ["bf16"]}}}},
+            "quantization": {"op_wise": {"conv3": {"activation": {"dtype": ["fp32"]}}}}}
+    with pytest.raises(ConfigError, match=r"mixed_precision\.op_wise\.conv3.*quantization\.op_wise\.conv3"):
+        MixedPrecision(conf)
+    agree = dict(conf, mixed_precision={"op_wise": {"conv3": {"activation": {"dtype": ["fp32"]}}}})
+    assert MixedPrecision(agree).node_precisions == {"conv3": "fp32"}

@@ -88,9 +88,11 @@ def test_unlisted_ops_stay_fp32():
         assert oc.op_class(op) is None, op
 
 
-def test_fp32_accumulate_ops_are_infer_reductions():
-    assert {"Sum", "Mean", "Prod"} <= oc.FP32_ACCUMULATE_OPS
-    assert oc.FP32_ACCUMULATE_OPS <= oc.INFER_OPS
+def test_bf16_accumulating_ops_and_island_epilogues_are_infer_ops():
+    assert oc.BF16_ACCUMULATE_OPS == {"Prod", "AvgPool", "AvgPool3D"}
+    assert not {"Sum", "Mean"} & oc.BF16_ACCUMULATE_OPS   # TF's BF16 Sum/Mean accumulate in FP32
+    assert oc.BF16_ACCUMULATE_OPS <= oc.INFER_OPS and oc.ISLAND_EPILOGUE_OPS <= oc.INFER_OPS
+    assert 4 <= oc.MAX_BF16_ACCUMULATION < 16
 
 
 def test_fp32_only_attrs_match_kernel_registry(registry):
@@ -102,7 +104,7 @@ def test_fp32_only_attrs_match_kernel_registry(registry):
 
 
 def test_data_is_immutable():
-    for ops in (oc.ALLOW_OPS, oc.INFER_OPS, oc.CLEAR_OPS, oc.DENY_OPS, oc.FP32_ACCUMULATE_OPS,
+    for ops in (oc.ALLOW_OPS, oc.INFER_OPS, oc.CLEAR_OPS, oc.DENY_OPS, oc.BF16_ACCUMULATE_OPS, oc.ISLAND_EPILOGUE_OPS,
                 oc.KERNEL_CHECK_OPS, oc.CONTROL_FLOW_OPS, *oc.FP32_ONLY_ATTRS.values()):
         assert isinstance(ops, frozenset)
     for mapping in (oc.FP32_ONLY_ATTRS, oc.OPS_BY_CLASS, oc._CLASS_OF):

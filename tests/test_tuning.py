@@ -145,14 +145,14 @@ def test_fragile_node_fails_full_bf16_and_falls_back_alone(fragile, caplog):
     assert any(line.startswith("Best (tune ") for line in lines)
 
 
-def test_fragile_exhaustive_search_bisects_and_refines(fragile):
+def test_fragile_search_gives_back_all_but_what_must_stay_fp32(fragile):
     model, x, y, core, neighbourhood = fragile
     optimized = _converter(model, x, y, {"tuning": {"exit_policy": {"timeout": 600}}})()
     report = optimized.report["tuning"]
     assert report["goal_met"]
     assert core <= set(report["best"]["fp32_nodes"]) <= neighbourhood
     phases = [t["phase"] for t in report["trials"]]
-    assert phases[0] == "full" and {"bisect", "refine"} & set(phases)
+    assert phases[0] == "full" and "give-back" in phases
     assert report["evaluations"] <= _bound(report["candidates"])
     configs = [tuple(t["fp32_nodes"]) for t in report["trials"]]
     assert len(configs) == len(set(configs))  # no configuration is evaluated twice
@@ -214,8 +214,9 @@ def test_fewer_trials_than_neural_compressor_on_the_same_model(fragile):
     op_wise_trials, _ = inc["op_wise"]
     assert op_wise_trials > candidates  # no single-op fallback passes: one trial per op, then accumulation
     assert ours["evaluations"] < op_wise_trials
-    type_trials, type_bf16 = inc["op_type_wise"]
-    assert ours["evaluations"] <= type_trials and ours["best"]["bf16_nodes"] > type_bf16
+    # Op-type-wise fallback passes sooner by giving a whole op type up; ours keeps more BF16.
+    _, type_bf16 = inc["op_type_wise"]
+    assert ours["best"]["bf16_nodes"] > type_bf16
 
 
 def test_timeout_ends_the_search_after_the_first_trial(fragile):
@@ -225,15 +226,22 @@ def test_timeout_ends_the_search_after_the_first_trial(fragile):
     assert report["evaluations"] == 1 and not report["goal_met"] and "timeout" in report["stopped"]
 
 
-def test_without_data_the_ranking_is_bottom_up(fragile):
+def test_without_data_the_ranking_follows_the_graph_structure(fragile):
     model, _, _, _, _ = fragile
     result = pipeline.convert_graph(model.graph_def, MixedPrecision().plan_for(model))
     ranking = sensitivity.rank(result.cleaned, result.graph_def, result.bf16_nodes, model.input_names,
                                model.output_names, [])
     units = sensitivity.rounding_units(result.cleaned, result.graph_def, result.bf16_nodes)
-    assert ranking.method == "order" and "no input data" in ranking.note
-    assert [u.tensor for u in ranking.units] == [u.tensor for u in units][::-1]
+    assert ranking.method == "structure" and "no input data" in ranking.note
+    assert sorted(u.tensor for u in ranking.units) == sorted(u.tensor for u in units)
     assert set().union(*(u.nodes for u in units)) == set(result.bf16_nodes)  # every BF16 node can fall back
+    # nearest the output first: the head's MatMul unit comes before the first convolution's
+    index = {u.tensor: i for i, u in enumerate(ranking.units)}
+    ops = {n.name: n.op for n in result.cleaned.node}
+    first_conv = min((u for u in ranking.units if any(ops[n] == "Conv2D" for n in u.nodes)),
+                     key=lambda u: [n.name for n in result.cleaned.node].index(min(u.nodes)))
+    head = [u for u in ranking.units if any("head" in n and ops[n] == "MatMul" for n in u.nodes)]
+    assert head and index[head[0].tensor] < index[first_conv.tensor]
 
 
 def test_sensitivity_ranks_the_fragile_roundings_first(fragile):
@@ -381,9 +389,14 @@ class _Oracle:
         return self.critical <= nodes
 
 
+def _give_back_bound(n: int, critical: int) -> int:
+    """Evaluations delta debugging may take to isolate ``critical`` nodes among ``n``."""
+    return (2 * critical + 1) * math.ceil(math.log2(n + 1)) + 2
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(2, 300), data=st.data())
-def test_search_is_logarithmic_and_exact_when_the_ranking_is_right(n, data):
+def test_search_is_exact_in_one_evaluation_when_the_ranking_is_right(n, data):
     names = [f"n{i}" for i in range(n)]
     c = data.draw(st.integers(1, min(n, 5)))
     order = data.draw(st.permutations(names))
@@ -391,40 +404,69 @@ def test_search_is_logarithmic_and_exact_when_the_ranking_is_right(n, data):
     # scores: the critical units dominate; the rest share a small remainder
     scores = [100.0 - i for i in range(c)] + [1e-3] * (n - c)
     oracle = _Oracle(critical)
-    found = tuning.search(_units(order, scores), oracle, error_share=0.01, first_pass_only=True)
+    found = tuning.search(_units(order, scores), oracle, error_share=0.01)
     assert found == critical and len(oracle.calls) == 1  # the prediction is right the first time
-    oracle = _Oracle(critical)
-    found = tuning.search(_units(order, scores), oracle, first_pass_only=False)
-    assert found == critical
-    assert len(oracle.calls) <= 2 * math.ceil(math.log2(n + 1)) + 1
+    assert tuning.give_back(sorted(found, key=order.index), oracle) == critical
+    assert len(oracle.calls) <= 1 + _give_back_bound(c, c)
     assert len({calls for calls, _ in oracle.calls}) == len(oracle.calls)
 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(2, 200), data=st.data())
-def test_search_with_a_noisy_ranking_still_finds_a_small_passing_set(n, data):
+def test_give_back_after_a_noisy_ranking_keeps_exactly_the_critical_nodes(n, data):
     names = [f"n{i}" for i in range(n)]
     order = data.draw(st.permutations(names))
     c = data.draw(st.integers(1, min(n, 4)))
     critical = frozenset(data.draw(st.lists(st.sampled_from(names), min_size=c, max_size=c, unique=True)))
     oracle = _Oracle(critical)
-    found = tuning.search(_units(order), oracle, error_share=0.3, first_pass_only=False)
+    found = tuning.search(_units(order), oracle, error_share=0.3)
     assert found is not None and critical <= found
-    last_critical = max(order.index(name) for name in critical) + 1
-    assert len(found) <= last_critical  # never more than the ranked prefix that is needed
-    assert len(oracle.calls) <= 3 * math.ceil(math.log2(n + 1)) + 2
+    searched = len(oracle.calls)
+    assert searched <= math.ceil(math.log2(n + 1)) + 2
+    assert tuning.give_back([name for name in order if name in found], oracle) == critical
+    assert len(oracle.calls) - searched <= _give_back_bound(len(found), c)
 
 
-def test_search_stops_when_the_budget_is_spent_and_when_nothing_passes():
+def test_give_back_from_everything_fp32_without_a_ranking():
+    names = [f"n{i}" for i in range(64)]
+    oracle = _Oracle(frozenset({"n40"}))
+    assert tuning.give_back(names, oracle) == frozenset({"n40"})
+    assert all(phase == "give-back" for _, phase in oracle.calls)
+    assert len(oracle.calls) <= _give_back_bound(64, 1)
+
+
+def test_search_and_give_back_stop_when_the_budget_is_spent_and_when_nothing_passes():
     units = _units([f"n{i}" for i in range(64)])
-    budget = _Oracle(frozenset({"n40"}), budget=2)
-    found = tuning.search(units, budget, first_pass_only=False)
-    assert len(budget.calls) == 2
-    passed = [nodes for nodes, _ in budget.calls if budget.critical <= nodes]
-    assert found == (min(passed, key=len) if passed else None)  # the smallest passing set seen, or None
     early = _Oracle(frozenset({"n40"}), budget=1)
     assert tuning.search(_units([f"n{i}" for i in range(64)], [0.0] * 64), early) is None  # k=1 fails, stop
     never = _Oracle(frozenset({"absent"}))
-    assert tuning.search(units, never, first_pass_only=False) is None
+    assert tuning.search(units, never) is None
     assert never.calls[-1][0] == frozenset(u.tensor for u in units)  # tried everything once
     assert len(never.calls) <= math.ceil(math.log2(64)) + 1
+    names = [f"n{i}" for i in range(64)]
+    spent = _Oracle(frozenset({"n40"}), budget=3)
+    kept = tuning.give_back(names, spent)
+    assert len(spent.calls) == 3 and frozenset({"n40"}) <= kept < frozenset(names)
+
+
+def test_graph_a_gives_back_everything_but_the_failing_conv_within_eight_evaluations():
+    """Neural Compressor's three-conv graph, an eval_func that fails only while conv2 is BF16,
+    and no data (so no sensitivity estimate): the result keeps conv1 and conv3 BF16."""
+    from tf_bf16.transforms import graph as g
+
+    def conv2_is_fp32(model: Model) -> float:
+        conv2 = next(n for n in model.graph_def.node if n.name == "conv2")
+        return 1.0 if conv2.attr["T"].type == g.FLOAT else 0.0
+
+    converter = MixedPrecision(target="spr", env={})
+    converter.model = Model(zoo.three_conv_graph(), inputs=["input"], outputs=["final"])
+    converter.eval_func = conv2_is_fp32
+    optimized = converter()
+    report = optimized.report["tuning"]
+    assert report["goal_met"] and report["evaluations"] <= 8, report["evaluations"]
+    assert report["sensitivity"]["method"] == "structure"
+    precision = {n.name: n.attr["T"].type for n in optimized.graph_def.node if n.name in ("conv1", "conv2", "conv3")}
+    assert precision == {"conv1": g.BFLOAT16, "conv2": g.FLOAT, "conv3": g.BFLOAT16}
+    # Only conv2 and what its FP32 output makes FP32 (its BiasAdd and ReLU) are given up.
+    assert set(report["best"]["fp32_nodes"]) <= {"conv2", "conv2_bias_add", "relu2"}
+    assert any(t["phase"] == "give-back" and t["passed"] for t in report["trials"])

@@ -227,3 +227,30 @@ def run_graph(graph_def: Any, fetches: Any, feeds: Any) -> Any:
         tf.graph_util.import_graph_def(graph_def, name="")
     with tf.compat.v1.Session(graph=graph) as session:
         return session.run(fetches, feeds)
+
+
+def three_conv_graph(seed: int = SEED) -> Any:
+    """Neural Compressor's BF16 test graph ("graph A"), built here as a frozen GraphDef.
+
+    ``input`` (NHWC, 3 channels, unknown shape) -> conv1 -> conv1_bias_add -> relu -> conv2
+    -> conv2_bias_add -> relu2 -> log1 (Log, a deny op) -> conv3 -> ``final`` (Identity).
+    Weights and biases are |N(0, 1)| so every activation is positive and Log is defined.
+    """
+    rng = np.random.default_rng(seed)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, None, name="input")
+
+        def conv(inp: Any, cin: int, name: str) -> Any:
+            w = tf.constant(np.abs(rng.standard_normal((3, 3, cin, 32))).astype(np.float32), name=f"{name}_weights")
+            return tf.raw_ops.Conv2D(input=inp, filter=w, strides=[1, 1, 1, 1], padding="SAME", name=name)
+
+        def bias(inp: Any, name: str) -> Any:
+            b = tf.constant(np.abs(rng.standard_normal(32)).astype(np.float32), name=f"{name}_bias")
+            return tf.raw_ops.BiasAdd(value=inp, bias=b, name=f"{name}_bias_add")
+
+        h = tf.raw_ops.Relu(features=bias(conv(x, 3, "conv1"), "conv1"), name="relu")
+        h = tf.raw_ops.Relu(features=bias(conv(h, 32, "conv2"), "conv2"), name="relu2")
+        h = tf.raw_ops.Log(x=h, name="log1")
+        tf.identity(conv(h, 32, "conv3"), name="final")
+    return graph.as_graph_def()

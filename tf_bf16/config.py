@@ -306,12 +306,46 @@ class CalibrationConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig(_Section):
-    """``quantization:`` (INT8 stage); validated now, consumed by the INT8 stage later."""
+    """``quantization:``. Its ``fp32``/``bf16`` dtype overrides act on MixedPrecision now (as in
+    Neural Compressor); INT8 dtypes, approach and calibration are for the INT8 stage."""
 
     approach: str = "post_training_static_quant"
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     model_wise: QuantOverride = dataclasses.field(default_factory=QuantOverride)
     op_wise: Mapping[str, QuantOverride] = dataclasses.field(default_factory=FrozenDict)
+
+    def node_precisions(self) -> Dict[str, str]:
+        """Node name -> forced "fp32"/"bf16" from ``op_wise``; refuses INT8 dtypes (no INT8 stage yet)."""
+        forced = {}
+        for name, override in self.op_wise.items():
+            precision = _forced_without_int8(override, ("quantization", "op_wise", name))
+            if precision is not None:
+                forced[name] = precision
+        return forced
+
+    def model_precision(self) -> Optional[str]:
+        """The one precision ``model_wise`` allows every node ("fp32" or "bf16"), or None."""
+        return _forced_without_int8(self.model_wise, ("quantization", "model_wise"))
+
+
+def _forced_without_int8(override: QuantOverride, path: Path) -> Optional[str]:
+    """The single float precision an override's dtype lists allow; ConfigError for INT8 dtypes."""
+    only = set()
+    for part in ("activation", "weight"):
+        spec = getattr(override, part)
+        dtypes = spec.dtype if spec is not None else None
+        if dtypes is None:
+            continue
+        int8 = [d for d in dtypes if d not in PRECISIONS]
+        if int8:
+            raise _fail(path + (part, "dtype"), f"{', '.join(int8)} needs tf_bf16's INT8 stage, which this version "
+                                                f"does not have yet; allowed here: {', '.join(PRECISIONS)}")
+        if len(dtypes) == 1:
+            only.add(dtypes[0])
+    if len(only) > 1:
+        raise _fail(path, "activation and weight dtypes conflict (one allows only fp32, the other only bf16); "
+                          "a node runs in one precision")
+    return only.pop() if only else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +369,7 @@ class AccuracyCriterion(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class ExitPolicy(_Section):
-    """``tuning.exit_policy``: timeout seconds (0 = stop at first passing model), trial cap."""
+    """``tuning.exit_policy``: seconds for the whole search (0 = no limit: it ends when no node can go back), trial cap."""
 
     timeout: float = 0.0
     max_trials: int = 100
@@ -375,8 +409,29 @@ class Config(_Section):
     tuning: TuningConfig = dataclasses.field(default_factory=TuningConfig)
 
     def node_precisions(self) -> Dict[str, str]:
-        """Node name -> forced "fp32"/"bf16" (``mixed_precision.op_wise``)."""
-        return self.mixed_precision.node_precisions()
+        """Node name -> forced "fp32"/"bf16" from ``mixed_precision.op_wise`` and ``quantization.op_wise``.
+
+        Raises ConfigError when the two sections force one node to different precisions, or
+        when ``quantization`` asks for INT8.
+        """
+        forced = self.mixed_precision.node_precisions()
+        if self.quantization is not None:
+            for name, precision in self.quantization.node_precisions().items():
+                if forced.get(name, precision) != precision:
+                    raise ConfigError(f"config keys 'mixed_precision.op_wise.{name}' ({forced[name]}) and "
+                                      f"'quantization.op_wise.{name}' ({precision}) disagree; give one of them")
+                forced[name] = precision
+        return forced
+
+    def effective_precisions(self) -> Tuple[str, ...]:
+        """``mixed_precision.precisions``, narrowed to fp32 when ``quantization.model_wise`` allows only fp32."""
+        model = self.quantization.model_precision() if self.quantization is not None else None
+        if model == FP32:
+            return (FP32,)
+        if model == BF16 and BF16 not in self.mixed_precision.precisions:
+            raise ConfigError("config key 'quantization.model_wise' allows only bf16, but "
+                              "'mixed_precision.precisions' excludes bf16; make them agree")
+        return self.mixed_precision.precisions
 
     def op_type_precisions(self) -> Dict[str, str]:
         """Op type -> forced "fp32"/"bf16" (``mixed_precision.op_type_wise``)."""

@@ -36,7 +36,7 @@ class MixedPrecision:
     def __init__(self, conf: ConfigSource = None, target: Optional[str] = None,
                  env: Optional[Mapping[str, str]] = None):
         self.conf = config_lib.load_config(conf)
-        self._precisions = tuple(self.conf.mixed_precision.precisions)
+        self._precisions = tuple(self.conf.effective_precisions())
         self.target = target if target is not None else self.conf.mixed_precision.target
         self.env = env
         self.model: Any = None
@@ -45,6 +45,10 @@ class MixedPrecision:
         self.eval_func: Optional[Callable[[Model], float]] = None
         self.node_precisions: Dict[str, str] = dict(self.conf.node_precisions())
         self.op_type_precisions: Dict[str, str] = dict(self.conf.op_type_precisions())
+        quantization = self.conf.quantization
+        if quantization is not None and quantization.calibration.dataloader is not None:
+            logging.warning("tf_bf16: MixedPrecision uses only the fp32/bf16 dtype overrides of the "
+                            "'quantization' section; its calibration data is for the INT8 stage and is not read")
 
     @property
     def precisions(self):

@@ -59,7 +59,7 @@ class Ranking:
     """Units most sensitive first, and how the ranking was obtained."""
 
     units: List[Unit]
-    method: str                 # "gradient" (first-order estimate) or "order" (bottom-up graph order)
+    method: str                 # "gradient" (first-order estimate) or "structure" (``structural_order``)
     batches: int = 0
     samples: int = 0
     seconds: float = 0.0
@@ -235,31 +235,66 @@ def gradient_scores(cleaned: graph_pb2.GraphDef, converted: graph_pb2.GraphDef, 
     return scores
 
 
+def structural_order(cleaned: graph_pb2.GraphDef, units: Sequence[Unit], output_names: Sequence[str]) -> List[Unit]:
+    """Units most likely harmful first, from the graph alone (no data to measure with).
+
+    Nearest the outputs first (a rounding there reaches the output undamped; Neural
+    Compressor's op-wise order is bottom-up too), then INFER before CLEAR before ALLOW nodes:
+    arithmetic is cheap to run in FP32, the heavy ops are what BF16 is for.
+    """
+    index = g.GraphIndex(cleaned)
+    distance: Dict[str, int] = {}
+    frontier = [g.node_name(o) for o in output_names if g.node_name(o) in index.nodes]
+    for name in frontier:
+        distance[name] = 0
+    while frontier:
+        nxt = []
+        for name in frontier:
+            for spec in index[name].input:
+                src = g.node_name(spec)
+                if src in index.nodes and src not in distance:
+                    distance[src] = distance[name] + 1
+                    nxt.append(src)
+        frontier = nxt
+    rank_of = {OpClass.INFER: 0, OpClass.CLEAR: 1, OpClass.ALLOW: 2}
+    far = len(index.nodes) + 1
+
+    def key(unit: Unit):
+        nodes = sorted(unit.nodes)
+        near = min((distance.get(n, far) for n in nodes), default=far)
+        cls = min((rank_of.get(op_class(index[n].op), 3) for n in nodes if n in index.nodes), default=3)
+        return near, cls, unit.tensor
+
+    return sorted(units, key=key)
+
+
 def rank(cleaned: graph_pb2.GraphDef, converted: graph_pb2.GraphDef, bf16_nodes: Iterable[str],
          input_names: Sequence[str], output_names: Sequence[str],
          feeds: Sequence[Mapping[str, np.ndarray]], candidates: Optional[Iterable[str]] = None) -> Ranking:
     """Rank the fallback units of a BF16 conversion, most harmful rounding first.
 
-    Without data or gradients it ranks bottom-up (Neural Compressor's op-wise order) and says why.
+    Without data or gradients it ranks by graph structure (``structural_order``) and says why.
     """
     start = time.perf_counter()
     units = rounding_units(cleaned, converted, bf16_nodes, candidates)
     samples = sum(len(next(iter(f.values()))) for f in feeds if f)
-    bottom_up = {u.tensor: i for i, u in enumerate(units)}
     if not units:
-        return Ranking([], "order", note="no BF16 node to fall back")
-    note, method = "", "gradient"
-    scores = [0.0] * len(units)
+        return Ranking([], "structure", note="no BF16 node to fall back")
+    note = ""
+    scores: Optional[List[float]] = None
     if not feeds:
-        method, note = "order", "no input data for the sensitivity runs"
+        note = "no input data for the sensitivity runs"
     else:
         try:
             scores = gradient_scores(cleaned, converted, units, input_names, output_names, feeds)
         except (LookupError, ValueError, TypeError) as e:  # no gradient for some op, nothing measurable
-            method, note = "order", f"first-order estimate unavailable: {e}"
-    if method == "order":
-        logging.warning("tf_bf16 tuning: %s; ranking fallback candidates bottom-up instead", note)
+            note = f"first-order estimate unavailable: {e}"
+    if scores is None:
+        logging.warning("tf_bf16 tuning: %s; ranking fallback candidates by graph structure instead", note)
+        return Ranking(structural_order(cleaned, units, output_names), "structure", batches=len(feeds),
+                       samples=samples, seconds=time.perf_counter() - start, note=note)
+    bottom_up = {u.tensor: i for i, u in enumerate(units)}
     ranked = [dataclasses.replace(u, score=s) for u, s in zip(units, scores)]
     ranked.sort(key=lambda u: (-u.score, -bottom_up[u.tensor]))
-    return Ranking(ranked, method, batches=len(feeds), samples=samples,
+    return Ranking(ranked, "gradient", batches=len(feeds), samples=samples,
                    seconds=time.perf_counter() - start, note=note)

@@ -4,19 +4,21 @@
 conversion when evaluation components are set. It evaluates the FP32 baseline once, then:
 
 1. trial 1 is the full BF16 conversion; if it meets the criterion, that is the answer;
-2. otherwise the fallback candidates are ranked by a first-order sensitivity estimate (one
-   FP32 and one BF16 run on a few batches, ``tf_bf16.sensitivity``), and the cumulative
-   fallback sets ``S_k`` (top-k units forced FP32) are searched: the first guess is the
-   smallest ``S_k`` predicted to remove enough error, then a galloping search upward until
-   one passes; when ``exit_policy.timeout`` allows (> 0) the search goes on with bisection
-   down to the boundary and a bisection that returns the least sensitive nodes to BF16.
+2. otherwise the fallback candidates are ranked: by a first-order sensitivity estimate (one
+   FP32 and one BF16 run on a few batches, ``tf_bf16.sensitivity``) when there is data, else
+   by graph structure (nearest the outputs first);
+3. a passing fallback set is found: with an estimate, the cumulative sets ``S_k`` (top-k
+   units forced FP32) starting at the smallest one predicted to remove enough error, then
+   galloping upward; without one, every candidate FP32 (the FP32 model itself);
+4. delta debugging gives nodes of that set back to BF16 in halves, least sensitive first,
+   while the criterion holds, so the result keeps only the nodes that must be FP32.
 
 Neural Compressor's op-wise search evaluates one single-op fallback per trial (as many
-trials as BF16 ops before accumulating); this search needs about log2 of that. Trials never
-repeat a configuration (they are keyed by the resulting BF16 node set), the exit policy
-(``timeout`` seconds, 0 = stop at the first passing model; ``max_trials``) is respected,
-and when no model meets the goal the best one found is returned with ``goal_met`` False
-and a warning, never None.
+trials as BF16 ops before accumulating); this search needs a few times log2 of that. Trials
+never repeat a configuration (they are keyed by the resulting BF16 node set), the exit
+policy (``timeout`` seconds for the whole search, 0 = no time limit; ``max_trials``) is
+respected, and when no model meets the goal the best one found is returned with
+``goal_met`` False and a warning, never None.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
@@ -270,65 +272,74 @@ def predicted_index(units: Sequence[sensitivity.Unit], sets: Sequence[FrozenSet[
     return len(sets)
 
 
-def search(units: Sequence[sensitivity.Unit], evaluate: EvaluateFn, error_share: float = MIN_ERROR_SHARE,
-           first_pass_only: bool = True) -> Optional[FrozenSet[str]]:
-    """The smallest passing fallback set found over ranked units (None if none passed).
+def search(units: Sequence[sensitivity.Unit], evaluate: EvaluateFn,
+           error_share: float = MIN_ERROR_SHARE) -> Optional[FrozenSet[str]]:
+    """The first passing fallback set over ranked units (None if none passed or the budget ran out).
 
-    Predicted set, then doubling until one passes; unless ``first_pass_only``, bisection
-    down to the boundary, then a bisection returning the least sensitive nodes to BF16.
+    The predicted prefix first, then doubling the prefix until one passes.
     """
     sets = prefix_sets(units)
     if not sets:
         return None
     m = len(sets)
-
-    def at(k: int) -> FrozenSet[str]:
-        return sets[k - 1] if k > 0 else frozenset()
-
-    lo, hi = 0, None
     k = min(max(predicted_index(units, sets, error_share), 1), m)
     phase = "predict"
     while True:
-        outcome = evaluate(at(k), phase)
+        outcome = evaluate(sets[k - 1], phase)
         if outcome is None:
             return None
         if outcome:
-            hi = k
-            break
-        lo = k
+            return sets[k - 1]
         if k == m:
             return None
         k, phase = min(m, max(k + 1, 2 * k)), "expand"
-    best = at(hi)
-    if first_pass_only:
-        return best
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        outcome = evaluate(at(mid), "bisect")
-        if outcome is None:
-            return at(hi)
-        if outcome:
-            hi = mid
+
+
+def give_back(fallback: Sequence[str], evaluate: EvaluateFn) -> FrozenSet[str]:
+    """Delta debugging: return nodes of a passing FP32 set to BF16 in halves while the goal holds.
+
+    ``fallback`` is ordered most sensitive first; at each granularity the least sensitive
+    chunk is offered back first. A chunk that can go back leaves the set; when no chunk can,
+    the chunks are halved, down to single nodes. With ``c`` nodes that must stay FP32 this
+    takes about ``2 c log2(len(fallback))`` evaluations. Returns the smallest set that
+    passed (``fallback`` itself when nothing could go back or the budget ran out).
+    """
+    kept = list(fallback)
+    seen: Dict[FrozenSet[str], bool] = {}
+    n = 2
+    while kept:
+        n = min(n, len(kept))
+        size = math.ceil(len(kept) / n)
+        chunks = [kept[i:i + size] for i in range(0, len(kept), size)]
+        for chunk in reversed(chunks):
+            trial = frozenset(kept) - frozenset(chunk)
+            if any(trial <= failed for failed, ok in seen.items() if not ok):
+                continue   # a superset already failed: keeping fewer FP32 nodes fails too
+            outcome = seen[trial] = evaluate(trial, "give-back")
+            if outcome is None:
+                return frozenset(kept)
+            if outcome:
+                back = set(chunk)
+                kept = [name for name in kept if name not in back]
+                n = max(n - 1, 2)
+                break
         else:
-            lo = mid
-    best = at(hi)
-    # Refine: return the least sensitive nodes of the sets before the boundary to BF16.
-    node_score: Dict[str, float] = {}
+            if size == 1:
+                break
+            n = min(2 * n, len(kept))
+    return frozenset(kept)
+
+
+def ranked_nodes(units: Sequence[sensitivity.Unit], candidates: Iterable[str]) -> List[str]:
+    """Candidate nodes, most sensitive first: in the order their first (highest-ranked) unit names them."""
+    allowed = set(candidates)
+    order: Dict[str, None] = {}
     for unit in units:
-        for node in unit.nodes:
-            node_score[node] = max(node_score.get(node, -math.inf), unit.score)
-    removable = sorted(at(hi - 1), key=lambda n: (node_score.get(n, 0.0), n))
-    keep, drop = 0, len(removable) + 1   # dropping `keep` nodes passes; dropping `drop` is assumed to fail
-    while drop - keep > 1:
-        mid = (keep + drop) // 2
-        outcome = evaluate(best - frozenset(removable[:mid]), "refine")
-        if outcome is None:
-            break
-        if outcome:
-            keep = mid
-        else:
-            drop = mid
-    return best - frozenset(removable[:keep])
+        for name in sorted(unit.nodes):
+            if name in allowed:
+                order.setdefault(name, None)
+    order.update({name: None for name in sorted(allowed)})   # nodes no unit names go last
+    return list(order)
 
 
 # --------------------------------------------------------------------------------------
@@ -424,6 +435,10 @@ class _Tuner:
         trial = self.run_trial(result, phase)
         return None if trial is None else trial.passed
 
+    def passed_any(self) -> bool:
+        """Whether some trial so far met the goal."""
+        return self.best is not None and self.best.passed
+
     def _better(self, trial: Trial) -> bool:
         best = self.best
         if best is None:
@@ -489,11 +504,21 @@ def tune(converter: Any, model: Model, plan: PrecisionPlan, result: pipeline.Con
             feeds = _synthetic_feeds(model, conf.tuning.random_seed)
         ranking = sensitivity.rank(result.cleaned, result.graph_def, result.bf16_nodes, model.input_names,
                                    model.output_names, feeds, candidates)
-        full_loss = criterion.loss(first.accuracy, baseline)
-        allowed = abs(criterion.target(baseline) - baseline)
-        share = allowed / full_loss if full_loss > 0 and math.isfinite(full_loss) else MIN_ERROR_SHARE
-        share = min(max(share, MIN_ERROR_SHARE), MAX_ERROR_SHARE)
-        search(ranking.units, tuner.evaluate_set, error_share=share, first_pass_only=policy.timeout <= 0)
+        order = ranked_nodes(ranking.units, candidates)
+        if ranking.method == "gradient":
+            full_loss = criterion.loss(first.accuracy, baseline)
+            allowed = abs(criterion.target(baseline) - baseline)
+            share = allowed / full_loss if full_loss > 0 and math.isfinite(full_loss) else MIN_ERROR_SHARE
+            share = min(max(share, MIN_ERROR_SHARE), MAX_ERROR_SHARE)
+            found = search(ranking.units, tuner.evaluate_set, error_share=share)
+        else:
+            # No estimate to go by: start from every candidate FP32 (the FP32 model, which meets
+            # the goal) and let delta debugging give nodes back.
+            found = frozenset(order)
+        if found is not None:
+            give_back([name for name in order if name in found], tuner.evaluate_set)
+            if not tuner.passed_any():
+                tuner.evaluate_set(found, "fallback")
     return _finish(tuner, model, result, ranking, baseline, baseline_seconds, criterion, extra, len(result.bf16_nodes))
 
 

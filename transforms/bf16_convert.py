@@ -1,13 +1,18 @@
 """BF16Convert: paint a frozen FP32 graph BF16 where safe and worth it, then insert Casts.
 
 The paint works on (node, type attribute) vertices, so FusedBatchNormV3 can be BF16 on ``T``
-and FP32 on ``U``. ALLOW ops (and nodes the plan forces BF16) seed BF16 islands, which grow
-depth-first in both directions through INFER and CLEAR vertices, so Casts appear only at
-island borders. DENY ops, normalization statistics and INFER ops they feed stay FP32, as do
-nodes the plan forces FP32, graph inputs/outputs, control-flow frames, function calls and
-unknown ops. The result does not depend on node order. FP32 Consts feeding BF16 vertices
-become BF16 Consts offline (one converted copy per Const). Every FP32-kept float node is
-recorded with its reason in ``decisions``.
+and FP32 on ``U``. ALLOW ops (and nodes the plan forces BF16) seed BF16 islands. An INFER op
+joins an island only where it cannot round anything an FP32 consumer reads or compound
+error on the way out: between two island ops (TensorFlow's rule), or as the bias, residual
+add or batch norm directly after one. Exact CLEAR ops follow an island both ways when all
+their inputs or all their consumers are BF16, so Casts appear only at island borders. DENY
+ops and INFER ops downstream of them, normalization statistics, long BF16-accumulating
+reductions, the last computation before an output, nodes on non-CPU devices, nodes the plan
+forces FP32, graph inputs/outputs, control-flow frames, function calls and unknown ops stay
+FP32. The result does not depend on node order. FP32 Consts feeding BF16 vertices become
+BF16 Consts offline (one converted copy per Const); a Const declared as a graph input keeps
+its dtype and gets a Cast. Every FP32-kept float node is recorded with its reason in
+``decisions``.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import collections
 import dataclasses
 from typing import Dict, List, Optional, Set, Tuple
 
+import numpy as np
+
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.norm_stats import normalization_statistics
-from tf_bf16.transforms.op_classes import FP32_ONLY_ATTRS, OpClass, op_class
+from tf_bf16.transforms.op_classes import (BF16_ACCUMULATE_OPS, FP32_ONLY_ATTRS, ISLAND_EPILOGUE_OPS,
+                                           MAX_BF16_ACCUMULATION, OpClass, op_class)
 from tf_bf16.transforms.plan import BF16, FP32, PrecisionPlan
 
 Vertex = Tuple[str, str]  # (node name, TypeSlot.key)
@@ -34,6 +42,16 @@ CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall", "While", "St
 SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "Const"})
 OUTPUT_REASON = "last computation before a graph output kept FP32 (output precision)"
 STAT_REASON = "normalization statistic kept FP32 (mean/variance of a tensor)"
+
+
+@dataclasses.dataclass
+class _Edges:
+    """Float-vertex adjacency of one graph (see ``BF16Convert._edges``)."""
+
+    succ: Dict[Vertex, List[Vertex]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    pred: Dict[Vertex, List[Vertex]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    fp32_input: Set[Vertex] = dataclasses.field(default_factory=set)
+    fp32_consumer: Set[Vertex] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +76,7 @@ class BF16Convert:
         self.decisions: Dict[str, Decision] = {}
         self.casts_added = {"to_bf16": 0, "to_fp32": 0}
         self.consts_converted = 0
+        self._edge_map: Optional[_Edges] = None
         self._in_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
         self._out_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
 
@@ -106,6 +125,8 @@ class BF16Convert:
                 reason = "graph input/output keeps its dtype"
             elif name in control_flow:
                 reason = control_flow[name]
+            elif not on_cpu(node.device):
+                reason = f"placed on {node.device}: tf_bf16 converts CPU nodes only"
             elif self.sigs.is_function(node.op) or node.op in CALL_OPS:
                 reason = "function call: its arguments and results stay FP32 (the body is converted on its own)"
             elif forced == FP32:
@@ -120,6 +141,12 @@ class BF16Convert:
                 reason = f"{node.op}'s OpDef does not allow bfloat16 for {slot.attr}"
             elif not self.plan.kernel_has_bf16(node.op, slot.attr):
                 reason = f"no CPU bfloat16 kernel for {node.op} (attr {slot.attr}) in this TensorFlow"
+            elif node.op in BF16_ACCUMULATE_OPS and forced != BF16:
+                terms = accumulated_terms(node, self.index)
+                if terms is None or terms > MAX_BF16_ACCUMULATION:
+                    reason = (f"{node.op} accumulates in BF16 on TensorFlow's CPU kernels and sums "
+                              f"{terms if terms is not None else 'an unknown number of'} terms per output "
+                              f"(BF16 only up to {MAX_BF16_ACCUMULATION})")
             if reason:
                 blocked[(name, key)] = reason
         return blocked
@@ -162,49 +189,125 @@ class BF16Convert:
                 if not control and i < len(in_slots):
                     yield node, i, in_slots[i], src, port
 
-    def _edges(self, vertices: Dict[Vertex, g.TypeSlot]):
-        """Adjacency between float vertices along data edges: (successors, predecessors)."""
-        succ: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
-        pred: Dict[Vertex, List[Vertex]] = collections.defaultdict(list)
+    def _edges(self, vertices: Dict[Vertex, g.TypeSlot]) -> "_Edges":
+        """Adjacency between float vertices, and which vertices also touch FP32 tensors.
+
+        A vertex has an FP32 input when a float input on its slot comes from something that
+        is not a vertex (a graph input, a Cast, a declared-input Const); it has an FP32
+        consumer when a non-vertex (a Cast, a fixed-float slot) reads its output. Unprotected
+        float Consts are neither: they are converted offline.
+        """
+        edges = _Edges()
+        protected = self.plan.protected
         for node, _, slot, src, port in self._data_edges():
             out_slots = self._out_slots.get(src)
-            if not out_slots or port >= len(out_slots):
-                continue
-            src_v, dst_v = (src, out_slots[port].key), (node.name, slot.key)
-            if src_v in vertices and dst_v in vertices:
-                succ[src_v].append(dst_v)
-                pred[dst_v].append(src_v)
-        return succ, pred
+            src_v = (src, out_slots[port].key) if out_slots and port < len(out_slots) else None
+            dst_v = (node.name, slot.key)
+            src_in, dst_in = src_v in vertices, dst_v in vertices
+            if src_in and dst_in:
+                edges.succ[src_v].append(dst_v)
+                edges.pred[dst_v].append(src_v)
+            elif dst_in:
+                producer = self.index.nodes.get(src)
+                if producer is None or producer.op != "Const" or src in protected:
+                    edges.fp32_input.add(dst_v)
+            elif src_in:
+                edges.fp32_consumer.add(src_v)
+        return edges
 
     # ------------------------------------------------------------------ paint
 
     def _paint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str]) -> Set[Vertex]:
-        succ, pred = self._edges(vertices)
+        """BF16 vertices: ALLOW seeds, INFER/CLEAR between them, then what rounds nothing new.
+
+        1. Seeds are the unblocked ALLOW vertices and the vertices the plan forces BF16.
+        2. An INFER or CLEAR vertex on a path seed -> ... -> seed (TensorFlow's rule) goes BF16:
+           its value is rounded for the next seed anyway.
+        3. To a fixpoint: an INFER or CLEAR vertex whose float inputs are all BF16 (or
+           Consts) goes BF16, since its inputs are already rounded; a CLEAR vertex whose
+           consumers are all BF16 goes BF16, since an exact op commutes with the rounding
+           its consumers would do. An INFER op upstream of or beside an island therefore
+           stays FP32 and never computes on values that FP32 consumers also read.
+        """
+        edges = self._edge_map = self._edges(vertices)
         stats = normalization_statistics(self.index)
         for v in vertices:
             if v[0] in stats and v not in blocked and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
                 blocked[v] = STAT_REASON
-        sources = [v for v, why in blocked.items()
-                   if op_class(self.index[v[0]].op) is OpClass.DENY or why == STAT_REASON]
-        self._taint(blocked, succ, pred, sources)
-        self._block_output_tail(vertices, blocked, succ, pred)
+        deny = [v for v in blocked if op_class(self.index[v[0]].op) is OpClass.DENY]
+        self._taint(blocked, edges.succ, edges.pred, deny, mixing=True)
+        self._taint(blocked, edges.succ, edges.pred, [v for v, why in blocked.items() if why == STAT_REASON],
+                    mixing=False)
+        self._block_output_tail(vertices, blocked, edges.succ, edges.pred)
 
         def cls(v: Vertex) -> Optional[OpClass]:
             return op_class(self.index[v[0]].op)
 
         seeds = [v for v in vertices if v not in blocked and
                  (cls(v) is OpClass.ALLOW or self.plan.forced(v[0], self.index[v[0]].op) == BF16)]
-        painted: Set[Vertex] = set()
-        stack = list(seeds)
+        free = {v for v in vertices if v not in blocked and cls(v) in (OpClass.INFER, OpClass.CLEAR)}
+        painted = set(seeds) | self._between(seeds, free, edges)
+        self._propagate(painted, free, edges)
+        return painted
+
+    @staticmethod
+    def _between(seeds: List[Vertex], free: Set[Vertex], edges: "_Edges") -> Set[Vertex]:
+        """Free vertices on a path from one seed to another through free vertices only."""
+        downstream: Set[Vertex] = set()
+        stack = [w for v in seeds for w in edges.succ.get(v, ()) if w in free]
         while stack:
             v = stack.pop()
-            if v in painted:
+            if v not in downstream:
+                downstream.add(v)
+                stack.extend(w for w in edges.succ.get(v, ()) if w in free)
+        between: Set[Vertex] = set()
+        stack = [w for v in seeds for w in edges.pred.get(v, ()) if w in downstream]
+        while stack:
+            v = stack.pop()
+            if v not in between:
+                between.add(v)
+                stack.extend(w for w in edges.pred.get(v, ()) if w in downstream)
+        return between
+
+    def _propagate(self, painted: Set[Vertex], free: Set[Vertex], edges: "_Edges") -> None:
+        """Grow ``painted`` (the island: seeds and what lies between them) to a fixpoint, in place.
+
+        * An exact CLEAR vertex goes BF16 when all its float inputs are BF16 (or Consts), or
+          when all its consumers are BF16: either way it rounds nothing that is not rounded anyway.
+        * An INFER vertex of an epilogue op (``ISLAND_EPILOGUE_OPS``: bias, residual add,
+          batch norm) goes BF16 when all its float inputs are BF16 (or Consts) and
+          one of them comes straight from the island: one step out of an island, so the
+          patterns TensorFlow fuses into one BF16 kernel stay whole, and never a chain of
+          steps, so error cannot compound on the way to an FP32 consumer or an output.
+          TensorFlow's AMP takes this step for every INFER op and chains it.
+
+        Both rules are monotone, so the result does not depend on the visiting order.
+        """
+        island = frozenset(painted)
+
+        def is_clear(v: Vertex) -> bool:
+            return op_class(self.index[v[0]].op) is OpClass.CLEAR
+
+        def fed_by_bf16(v: Vertex) -> bool:
+            ins = edges.pred.get(v, ())
+            if not ins or v in edges.fp32_input or not all(w in painted for w in ins):
+                return False
+            if is_clear(v):
+                return True
+            return self.index[v[0]].op in ISLAND_EPILOGUE_OPS and any(w in island for w in ins)
+
+        def read_by_bf16(v: Vertex) -> bool:
+            outs = edges.succ.get(v, ())
+            return bool(outs) and v not in edges.fp32_consumer and is_clear(v) and all(w in painted for w in outs)
+
+        stack = [w for v in painted for w in edges.succ.get(v, []) + edges.pred.get(v, [])]
+        while stack:
+            v = stack.pop()
+            if v in painted or v not in free or not (fed_by_bf16(v) or read_by_bf16(v)):
                 continue
             painted.add(v)
-            for w in succ.get(v, []) + pred.get(v, []):
-                if w not in painted and w not in blocked and cls(w) in (OpClass.INFER, OpClass.CLEAR, OpClass.ALLOW):
-                    stack.append(w)
-        return painted
+            stack.extend(edges.succ.get(v, ()))
+            stack.extend(edges.pred.get(v, ()))
 
     def _block_output_tail(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str],
                            succ: Dict[Vertex, List[Vertex]], pred: Dict[Vertex, List[Vertex]]) -> None:
@@ -258,15 +361,17 @@ class BF16Convert:
         return linked
 
     def _taint(self, blocked: Dict[Vertex, str], succ: Dict[Vertex, List[Vertex]],
-               pred: Dict[Vertex, List[Vertex]], sources: List[Vertex]) -> None:
-        """Grow an FP32 region from deny ops and normalization statistics.
+               pred: Dict[Vertex, List[Vertex]], sources: List[Vertex], mixing: bool) -> None:
+        """Grow an FP32 region from deny ops (``mixing``) or normalization statistics.
 
-        A downstream INFER/CLEAR vertex joins the region when every float input it reads comes
-        from the region, from a Const, or is the tensor a statistic normalizes; CLEAR members
-        that lead to no INFER member leave it again. So a LayerNorm
-        stays FP32 as a whole (mean, variance, scale and shift) while the residual Add that
-        mixes its output with a BF16 branch does not join, and the taint never leaks along a
-        whole residual stream.
+        Downstream of a deny op (Exp, Log, Pow ...) every INFER vertex that reads the region
+        joins it, as in TensorFlow's AMP: rounding the wide-range FP32 result of such an op
+        where it is next used would undo keeping the op FP32. Downstream of a normalization
+        statistic a vertex joins only when every float input it reads comes from the region,
+        from a Const, or is the tensor the statistic normalizes: a LayerNorm stays FP32 as a
+        whole (mean, variance, scale and shift) while the residual Add that mixes its output
+        with a BF16 branch does not join, so the taint never leaks along a residual stream.
+        Either way CLEAR members that lead to no INFER member leave the region again.
         """
         region: Set[Vertex] = set(sources)
         origin: Dict[Vertex, str] = {v: v[0] for v in sources}
@@ -277,6 +382,8 @@ class BF16Convert:
                 return False
             if self.plan.forced(v[0], self.index[v[0]].op) == BF16:
                 return False
+            if mixing:
+                return True   # it is a consumer of a region member
             node = self.index[v[0]]
             slots = self._in_slots.get(v[0]) or []
             for i, spec in enumerate(node.input):
@@ -321,8 +428,26 @@ class BF16Convert:
                 self.decisions[name] = Decision(BF16, note)
                 continue
             reasons = [blocked[v] for v in vs if v in blocked]
-            reason = reasons[0] if reasons else "no BF16 neighbour: converting it would only add Casts"
-            self.decisions[name] = Decision(FP32, reason)
+            self.decisions[name] = Decision(FP32, reasons[0] if reasons else self._unpainted_reason(vs[0], painted))
+
+    def _unpainted_reason(self, v: Vertex, painted: Set[Vertex]) -> str:
+        """Why a vertex no rule blocked still stays FP32: which FP32 neighbour keeps it there."""
+        edges = self._edge_map
+        ins, outs = edges.pred.get(v, []), edges.succ.get(v, [])
+        if not any(w in painted for w in ins + outs):
+            return "no BF16 neighbour: converting it would only add Casts"
+        fp32_inputs = [w[0] for w in ins if w not in painted]
+        if v in edges.fp32_input:
+            fp32_inputs.append("graph input or Cast")
+        if op_class(self.index[v[0]].op) is OpClass.CLEAR:
+            return "links FP32 and BF16 tensors: BF16 here would round values FP32 consumers read"
+        if fp32_inputs:
+            return (f"reads FP32 {fp32_inputs[0]}: BF16 here would round an FP32 value outside a BF16 island "
+                    f"(INFER ops go BF16 between BF16 compute ops, or one step after them)")
+        if any(w in painted for w in ins):
+            return ("after a BF16 island but neither between two BF16 compute ops nor its direct epilogue "
+                    "(bias, residual add, batch norm): kept FP32 so rounding errors do not compound")
+        return "feeds BF16 ops but is not between two BF16 compute ops"
 
     # ------------------------------------------------------------------ rewrite
 
@@ -347,7 +472,9 @@ class BF16Convert:
             if key not in casts:
                 suffix = "CastToBf16" if want == g.BFLOAT16 else "CastToFp32"
                 cast_name = g.unique_name(existing, f"{src}/{suffix}" + (f"_{port}" if port else ""))
-                cast = g.make_cast(cast_name, g.tensor_name(src, port), have, want, device=producer.device)
+                # The Cast runs beside the BF16 side, which is always on the CPU.
+                device = producer.device if on_cpu(producer.device) else node.device
+                cast = g.make_cast(cast_name, g.tensor_name(src, port), have, want, device=device)
                 existing[cast_name] = cast
                 new_nodes.append(cast)
                 casts[key] = cast_name
@@ -395,6 +522,48 @@ class BF16Convert:
             copies[const.name] = name
         self.consts_converted += 1
         return copies[const.name]
+
+
+def on_cpu(device: str) -> bool:
+    """Whether a node's requested device is the CPU (an empty device is placed there too)."""
+    if not device:
+        return True
+    from tensorflow.python.framework.device_spec import DeviceSpecV2
+    try:
+        kind = DeviceSpecV2.from_string(device).device_type
+    except ValueError:
+        return False
+    return kind is None or kind.upper() == "CPU"
+
+
+def accumulated_terms(node: node_def_pb2.NodeDef, index: g.GraphIndex) -> Optional[int]:
+    """How many input values each output of a pooling or reduction node accumulates; None if unknown.
+
+    Pools read their window from ``ksize``; reductions need the input's static shape (its
+    producer's ``_output_shapes``) and constant axes.
+    """
+    if "ksize" in node.attr:
+        terms = 1
+        for k in node.attr["ksize"].list.i:
+            terms *= int(k)
+        return terms
+    if len(node.input) < 2:
+        return None
+    src, port, _ = g.parse_input(node.input[0])
+    axes_node = index.nodes.get(g.node_name(node.input[1]))
+    producer = index.nodes.get(src)
+    if producer is None or axes_node is None or axes_node.op != "Const":
+        return None
+    shapes = producer.attr["_output_shapes"].list.shape if "_output_shapes" in producer.attr else []
+    if port >= len(shapes) or shapes[port].unknown_rank:
+        return None
+    dims = [d.size for d in shapes[port].dim]
+    terms = 1
+    for axis in np.atleast_1d(g.const_value(axes_node)).astype(int).tolist():
+        if not -len(dims) <= axis < len(dims) or dims[axis] < 0:
+            return None
+        terms *= dims[axis]
+    return terms
 
 
 def bf16_convert(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:

@@ -4,7 +4,8 @@ Three exact rewrites, repeated until none applies:
 * a Cast of a Cast whose first step loses nothing (bf16->fp32->bf16, bool/int8->fp32->bf16)
   becomes one Cast, or nothing when it converts back to the original dtype;
 * Casts of the same tensor to the same dtype are merged into one;
-* a Cast of a Const becomes a Const of the target dtype.
+* a Cast of a Const becomes a Const of the target dtype (unless the Const is a declared
+  graph input, which callers feed).
 Nodes left without consumers by these rewrites are removed. Graph inputs and outputs keep
 their names and dtypes.
 """
@@ -114,7 +115,8 @@ def _fold_const_casts(graph_def: graph_pb2.GraphDef, protected) -> bool:
 
     changed = False
     for node, const in _casts_of(graph_def, protected, "Const"):
-        if any(s.startswith("^") for s in node.input[1:]):
+        # A Const declared as a graph input is fed at run time: its Cast must stay.
+        if const.name in protected or any(s.startswith("^") for s in node.input[1:]):
             continue
         dst = node.attr["DstT"].type
         value = g.const_value(const)
