@@ -253,21 +253,8 @@ class BF16Convert:
     @staticmethod
     def _between(seeds: List[Vertex], free: Set[Vertex], edges: "_Edges") -> Set[Vertex]:
         """Free vertices on a path from one seed to another through free vertices only."""
-        downstream: Set[Vertex] = set()
-        stack = [w for v in seeds for w in edges.succ.get(v, ()) if w in free]
-        while stack:
-            v = stack.pop()
-            if v not in downstream:
-                downstream.add(v)
-                stack.extend(w for w in edges.succ.get(v, ()) if w in free)
-        between: Set[Vertex] = set()
-        stack = [w for v in seeds for w in edges.pred.get(v, ()) if w in downstream]
-        while stack:
-            v = stack.pop()
-            if v not in between:
-                between.add(v)
-                stack.extend(w for w in edges.pred.get(v, ()) if w in downstream)
-        return between
+        downstream = _reach(seeds, edges.succ, free)
+        return _reach(seeds, edges.pred, downstream)
 
     def _propagate(self, painted: Set[Vertex], free: Set[Vertex], edges: "_Edges") -> None:
         """Grow ``painted`` (the island: seeds and what lies between them) to a fixpoint, in place.
@@ -522,6 +509,18 @@ class BF16Convert:
             copies[const.name] = name
         self.consts_converted += 1
         return copies[const.name]
+
+
+def _reach(roots: List[Vertex], step: Dict[Vertex, List[Vertex]], within: Set[Vertex]) -> Set[Vertex]:
+    """Vertices of ``within`` reached from ``roots`` (roots themselves excluded) along ``step``."""
+    seen: Set[Vertex] = set()
+    stack = [w for v in roots for w in step.get(v, ()) if w in within]
+    while stack:
+        v = stack.pop()
+        if v not in seen:
+            seen.add(v)
+            stack.extend(w for w in step.get(v, ()) if w in within)
+    return seen
 
 
 def on_cpu(device: str) -> bool:
