@@ -18,7 +18,7 @@ import math
 import os
 import types
 from typing import (Any, Callable, ClassVar, Dict, FrozenSet, Iterable, Iterator, List, Mapping,
-                    Optional, Sequence, Tuple, Union)
+                    Optional, Sequence, Set, Tuple, Union)
 
 import yaml
 
@@ -135,8 +135,7 @@ class DtypeOverride(_Section):
 
     def forced_precision(self) -> Optional[str]:
         """The one precision a given dtype list allows ("fp32" or "bf16"); None when both are allowed."""
-        only = {dtypes[0] for dtypes in (self.activation, self.weight)
-                if dtypes is not None and len(dtypes) == 1}
+        only = _sole_dtypes((self.activation, self.weight))
         return only.pop() if len(only) == 1 else None
 
 
@@ -156,6 +155,16 @@ class MixedPrecisionConfig(_Section):
     def op_type_precisions(self) -> Dict[str, str]:
         """Op type -> forced "fp32"/"bf16" from ``op_type_wise``; entries allowing both are omitted."""
         return _forced(self.op_type_wise)
+
+
+# The error for an op-wise entry whose activation and weight each allow one, different, precision.
+_DTYPE_CONFLICT = ("activation and weight dtypes conflict (one allows only fp32, the other only bf16); "
+                   "a node runs in one precision")
+
+
+def _sole_dtypes(dtype_lists: Iterable[Optional[Sequence[str]]]) -> Set[str]:
+    """The dtypes that are the only entry of their list: what an override forces."""
+    return {dtypes[0] for dtypes in dtype_lists if dtypes is not None and len(dtypes) == 1}
 
 
 def _forced(overrides: Mapping[str, DtypeOverride]) -> Dict[str, str]:
@@ -330,21 +339,16 @@ class QuantizationConfig(_Section):
 
 def _forced_without_int8(override: QuantOverride, path: Path) -> Optional[str]:
     """The single float precision an override's dtype lists allow; ConfigError for INT8 dtypes."""
-    only = set()
-    for part in ("activation", "weight"):
-        spec = getattr(override, part)
-        dtypes = spec.dtype if spec is not None else None
-        if dtypes is None:
-            continue
-        int8 = [d for d in dtypes if d not in PRECISIONS]
+    lists = {part: getattr(override, part).dtype for part in ("activation", "weight")
+             if getattr(override, part) is not None}
+    for part, dtypes in lists.items():
+        int8 = [d for d in dtypes or () if d not in PRECISIONS]
         if int8:
             raise _fail(path + (part, "dtype"), f"{', '.join(int8)} needs tf_bf16's INT8 stage, which this version "
                                                 f"does not have yet; allowed here: {', '.join(PRECISIONS)}")
-        if len(dtypes) == 1:
-            only.add(dtypes[0])
+    only = _sole_dtypes(lists.values())
     if len(only) > 1:
-        raise _fail(path, "activation and weight dtypes conflict (one allows only fp32, the other only bf16); "
-                          "a node runs in one precision")
+        raise _fail(path, _DTYPE_CONFLICT)
     return only.pop() if only else None
 
 
@@ -793,10 +797,8 @@ def _parse_dtype_overrides(raw: Any, path: Path, what: str,
                     raise _fail(part_path + ("dtype",), f"{dtype!r} is not among mixed_precision.precisions "
                                                         f"({', '.join(precisions)})")
         override = DtypeOverride(**parts)
-        only = {d[0] for d in parts.values() if d is not None and len(d) == 1}
-        if len(only) > 1:
-            raise _fail(entry_path, "activation and weight dtypes conflict (one allows only fp32, the "
-                                    "other only bf16); a node runs in one precision")
+        if len(_sole_dtypes(parts.values())) > 1:
+            raise _fail(entry_path, _DTYPE_CONFLICT)
         entries[name] = override
     return FrozenDict(entries)
 

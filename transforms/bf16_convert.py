@@ -76,7 +76,6 @@ class BF16Convert:
         self.decisions: Dict[str, Decision] = {}
         self.casts_added = {"to_bf16": 0, "to_fp32": 0}
         self.consts_converted = 0
-        self._edge_map: Optional[_Edges] = None
         self._in_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
         self._out_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
 
@@ -89,8 +88,9 @@ class BF16Convert:
             self._out_slots[node.name] = self.sigs.output_slots(node)
         float_vertices = self._float_vertices()
         blocked = self._blocked_vertices(float_vertices)
-        painted = self._paint(float_vertices, blocked)
-        self._record_decisions(float_vertices, blocked, painted)
+        edges = self._edges(float_vertices)
+        painted = self._paint(float_vertices, blocked, edges)
+        self._record_decisions(float_vertices, blocked, painted, edges)
         return self._rewrite({v: float_vertices[v] for v in painted})
 
     # ------------------------------------------------------------------ vertices
@@ -217,19 +217,17 @@ class BF16Convert:
 
     # ------------------------------------------------------------------ paint
 
-    def _paint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str]) -> Set[Vertex]:
+    def _paint(self, vertices: Dict[Vertex, g.TypeSlot], blocked: Dict[Vertex, str], edges: "_Edges") -> Set[Vertex]:
         """BF16 vertices: ALLOW seeds, INFER/CLEAR between them, then what rounds nothing new.
 
         1. Seeds are the unblocked ALLOW vertices and the vertices the plan forces BF16.
         2. An INFER or CLEAR vertex on a path seed -> ... -> seed (TensorFlow's rule) goes BF16:
            its value is rounded for the next seed anyway.
-        3. To a fixpoint: an INFER or CLEAR vertex whose float inputs are all BF16 (or
-           Consts) goes BF16, since its inputs are already rounded; a CLEAR vertex whose
-           consumers are all BF16 goes BF16, since an exact op commutes with the rounding
-           its consumers would do. An INFER op upstream of or beside an island therefore
-           stays FP32 and never computes on values that FP32 consumers also read.
+        3. To a fixpoint (``_propagate``): exact CLEAR vertices whose inputs or consumers are
+           all BF16, and epilogue INFER vertices one step after the island. An INFER op
+           upstream of or beside an island therefore stays FP32 and never computes on values
+           that FP32 consumers also read.
         """
-        edges = self._edge_map = self._edges(vertices)
         stats = normalization_statistics(self.index)
         for v in vertices:
             if v[0] in stats and v not in blocked and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
@@ -404,7 +402,7 @@ class BF16Convert:
 
     # ------------------------------------------------------------------ report
 
-    def _record_decisions(self, vertices, blocked, painted) -> None:
+    def _record_decisions(self, vertices, blocked, painted, edges: "_Edges") -> None:
         per_node: Dict[str, List[Vertex]] = collections.defaultdict(list)
         for v in vertices:
             per_node[v[0]].append(v)
@@ -415,11 +413,10 @@ class BF16Convert:
                 self.decisions[name] = Decision(BF16, note)
                 continue
             reasons = [blocked[v] for v in vs if v in blocked]
-            self.decisions[name] = Decision(FP32, reasons[0] if reasons else self._unpainted_reason(vs[0], painted))
+            self.decisions[name] = Decision(FP32, reasons[0] if reasons else self._unpainted_reason(vs[0], painted, edges))
 
-    def _unpainted_reason(self, v: Vertex, painted: Set[Vertex]) -> str:
+    def _unpainted_reason(self, v: Vertex, painted: Set[Vertex], edges: "_Edges") -> str:
         """Why a vertex no rule blocked still stays FP32: which FP32 neighbour keeps it there."""
-        edges = self._edge_map
         ins, outs = edges.pred.get(v, []), edges.succ.get(v, [])
         if not any(w in painted for w in ins + outs):
             return "no BF16 neighbour: converting it would only add Casts"
