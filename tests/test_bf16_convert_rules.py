@@ -12,8 +12,8 @@ from tf_bf16.model import Model
 from tf_bf16.plan_builder import build_plan
 from tf_bf16.report import node_precision
 from tf_bf16.transforms import graph as g
-from tf_bf16.transforms.bf16_convert import BF16Convert
-from tf_bf16.transforms.fold_casts import fold_casts
+from tf_bf16.transforms import driver
+from tf_bf16.transforms.context import TransformContext
 
 
 def _frozen(fn, *specs) -> Model:
@@ -22,9 +22,9 @@ def _frozen(fn, *specs) -> Model:
 
 def _convert(model: Model, **plan_kw):
     plan = build_plan(model.graph_def, model.input_names, model.output_names, **plan_kw)
-    conv = BF16Convert(model.graph_def, plan)
-    out = fold_casts(conv.do_transformation(), plan)
-    return out, conv
+    context = TransformContext(plan)
+    out = driver.run_transforms(model.graph_def, context, ("bf16_convert", "fold_casts"))
+    return out, context
 
 
 def _prec(graph_def):

@@ -14,7 +14,8 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
 from tests import zoo  # noqa: E402
-from tf_bf16.transforms.driver import run_transforms  # noqa: E402
+from tf_bf16.pipeline import clean_up  # noqa: E402
+from tf_bf16.transforms.context import TransformContext  # noqa: E402
 from tf_bf16.transforms.fold_batch_norms import fold_batch_norms  # noqa: E402
 from tf_bf16.transforms.graph import GraphIndex, const_value, parse_input  # noqa: E402
 from tf_bf16.transforms.plan import PrecisionPlan  # noqa: E402
@@ -81,7 +82,7 @@ def _conv_bn_graph(base: str, data_format: str = "NHWC", bias: bool = False, bn_
 def test_fused_batch_norm_v3_folds_nhwc(base, bias):
     gd = _conv_bn_graph(base, bias=bias)
     before = gd.SerializeToString(deterministic=True)
-    out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     assert gd.SerializeToString(deterministic=True) == before
     nodes = _nodes(out)
     assert _ops(out)["FusedBatchNormV3"] == 0
@@ -97,7 +98,7 @@ def test_fused_batch_norm_v3_folds_nhwc(base, bias):
 @pytest.mark.parametrize("bn_op", ["FusedBatchNorm", "FusedBatchNormV2"])
 def test_older_fused_batch_norms_fold(bn_op):
     gd = _conv_bn_graph("conv2d", bias=True, bn_op=bn_op)
-    out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     assert _ops(out)[bn_op] == 0 and _nodes(out)["bn"].op == "BiasAdd"
     feeds = {"x:0": RNG.normal(0, 1, (2, 6, 6, 3)).astype(np.float32)}
     np.testing.assert_allclose(_run(out, "out:0", feeds), _run(gd, "out:0", feeds), atol=1e-5, rtol=1e-5)
@@ -108,7 +109,7 @@ def test_nchw_filter_and_bias_values(base):
     """CPU kernels cannot run NCHW convolutions, so check the folded values directly."""
     gd = _conv_bn_graph(base, data_format="NCHW", bias=True)
     src = _nodes(gd)
-    out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     nodes = _nodes(out)
     bn = nodes["bn"]
     assert bn.op == "BiasAdd" and bn.attr["data_format"].s == b"NCHW" and bn.input[0] == "conv"
@@ -136,7 +137,7 @@ def test_matmul_decomposed_bn_folds(transpose_b):
         y = tf.add(y, tf.constant(RNG.normal(0, 1, (1, 3)).astype(np.float32), name="t"), name="shift")
         tf.nn.tanh(y, name="out")
     gd = g.as_graph_def()
-    out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     nodes = _nodes(out)
     assert set(nodes) == {"x", "w", "dense", "shift", "out", nodes["shift"].input[1]}
     assert nodes["shift"].op == "BiasAdd" and list(nodes["shift"].input)[0] == "dense"
@@ -164,7 +165,7 @@ def _decomposed_conv(mul_shape, add_shape=(4,), share_filter=False, extra_consum
 @pytest.mark.parametrize("mul_shape", [(4,), (1, 1, 1, 4), (), (1,)])
 def test_decomposed_per_channel_or_scalar_folds(mul_shape):
     gd = _decomposed_conv(mul_shape, add_shape=(1, 1, 4))
-    out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     nodes = _nodes(out)
     assert "mul" not in nodes and nodes["add"].op == "BiasAdd" and nodes["add"].input[0] == "conv"
     assert _ops(out)["Mul"] == 0 and _ops(out)["AddV2"] == 0
@@ -184,7 +185,7 @@ def test_unsafe_decomposed_chains_untouched(case):
     }[case]
     gd = _decomposed_conv(**kwargs)
     outputs = ("out", "out_b") if case in ("shared_filter", "extra_consumer") else ("out",)
-    out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=outputs))
+    out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=outputs)))
     if case == "spatial_add":  # the Mul alone is still exact to fold; the Add must stay
         nodes = _nodes(out)
         assert nodes["mul"].op == "BiasAdd" and nodes["mul"].input[0] == "conv"
@@ -196,13 +197,13 @@ def test_unsafe_decomposed_chains_untouched(case):
 def test_training_mode_and_used_statistics_untouched():
     for gd, outputs in ((_conv_bn_graph("conv2d", is_training=True), ("out",)),
                         (_conv_bn_graph("conv2d", extra_fetch="batch_mean"), ("out", "stats"))):
-        out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=outputs))
+        out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=outputs)))
         assert _nodes(out)["bn"].op == "FusedBatchNormV3"
 
 
 def test_protected_final_node_untouched():
     gd = _conv_bn_graph("conv2d")
-    out = fold_batch_norms(gd, PrecisionPlan(inputs=("x",), outputs=("bn",)))
+    out = fold_batch_norms(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("bn",))))
     assert _nodes(out)["bn"].op == "FusedBatchNormV3"
 
 
@@ -218,7 +219,7 @@ def test_keras_conv_bn_without_bias():
                                for i, w in enumerate(layer.get_weights())])
     model = Model(keras_model)
     plan = PrecisionPlan(inputs=model.input_names, outputs=model.output_names)
-    out = run_transforms(model.graph_def, plan)
+    out = clean_up(model.graph_def, plan)
     ops = _ops(out)
     assert ops["Mul"] == 0 and ops["Sub"] == 0 and ops["Rsqrt"] == 0
     assert ops["BiasAdd"] == 4  # conv1, conv2 (from their BN) and the two Dense layers
@@ -229,7 +230,7 @@ def test_keras_conv_bn_without_bias():
 def test_resnet50_no_decomposed_bn_after_conv(zoo_model):
     model = zoo_model("resnet50")
     plan = PrecisionPlan(inputs=model.input_names, outputs=model.output_names)
-    out = run_transforms(model.graph_def, plan)
+    out = clean_up(model.graph_def, plan)
     index = GraphIndex(out)
     for node in out.node:
         if node.op != "Mul":

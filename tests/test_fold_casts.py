@@ -8,6 +8,7 @@ import tensorflow as tf
 from tf_bf16.model import Model
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.fold_casts import fold_casts
+from tf_bf16.transforms.context import TransformContext  # noqa: E402
 from tf_bf16.transforms.plan import PrecisionPlan
 
 
@@ -17,7 +18,7 @@ def _model(fn, spec):
 
 def _fold(model):
     plan = PrecisionPlan(inputs=model.input_names, outputs=model.output_names)
-    return fold_casts(model.graph_def, plan)
+    return fold_casts(model.graph_def, TransformContext(plan))
 
 
 SPEC = tf.TensorSpec([None, 8], tf.float32, name="x")

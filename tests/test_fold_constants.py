@@ -15,6 +15,7 @@ from tests import zoo  # noqa: E402
 from tests.zoo import run_graph as _run  # noqa: E402
 from tf_bf16.transforms.fold_constants import fold_constants  # noqa: E402
 from tf_bf16.transforms.graph import const_value, parse_input  # noqa: E402
+from tf_bf16.transforms.context import TransformContext  # noqa: E402
 from tf_bf16.transforms.plan import PrecisionPlan  # noqa: E402
 from tf_bf16.transforms.remove_identity import remove_identity  # noqa: E402
 
@@ -33,7 +34,7 @@ def test_folds_chain_into_const_with_same_name():
         tf.multiply(x, scale, name="out")
     gd = g.as_graph_def()
     before = gd.SerializeToString(deterministic=True)
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     assert gd.SerializeToString(deterministic=True) == before
     nodes = _nodes(out)
     assert set(nodes) == {"x", "scale", "out"}
@@ -52,7 +53,7 @@ def test_multi_output_op_gets_one_const_per_used_port():
         tf.add(x, parts[2], name="use2")
         tf.identity(tf.add(x, parts[2]), name="use2_again")
     gd = g.as_graph_def()
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("use0", "use2", "use2_again")))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("use0", "use2", "use2_again"))))
     nodes = _nodes(out)
     assert nodes["rows"].op == "Const"  # port 0 keeps the name
     np.testing.assert_array_equal(const_value(nodes["rows"]), [0.0, 1.0])
@@ -78,7 +79,7 @@ def test_non_constant_sources_not_folded():
         tf.identity(tf.cast(shape_x, tf.float32) * default, name="out1")
         tf.identity(x + noise + tf.reduce_sum(tf.cast(shape_c, tf.float32)), name="out2")
     gd = g.as_graph_def()
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("out1", "out2")))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out1", "out2"))))
     ops = {n.name: n.op for n in out.node}
     assert ops["shape_x"] == "Shape"
     assert ops["default"] == "PlaceholderWithDefault"
@@ -100,7 +101,7 @@ def test_control_edges_from_constants_dropped_keras_style():
         with tf.control_dependencies([gate]):
             tf.identity(y, name="out")
     gd = g.as_graph_def()
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     nodes = _nodes(out)
     assert "gate" not in nodes
     assert list(nodes["out"].input) == ["y"]
@@ -117,7 +118,7 @@ def test_const_gated_by_runtime_value_not_folded():
             c = tf.constant(3.0, name="gated")
         tf.add(tf.multiply(c, 2.0, name="double"), x, name="out")
     gd = g.as_graph_def()
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     nodes = _nodes(out)
     assert nodes["double"].op == "Mul" and "^check" in nodes["gated"].input
 
@@ -128,7 +129,7 @@ def test_protected_constant_output_keeps_op():
         tf.compat.v1.placeholder(tf.float32, [], name="x")
         tf.add(tf.constant(1.0) * 2.0, 3.0, name="answer")
     gd = g.as_graph_def()
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("answer",)))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("answer",))))
     nodes = _nodes(out)
     assert nodes["answer"].op == "AddV2"
     assert all(nodes[parse_input(s)[0]].op == "Const" for s in nodes["answer"].input)
@@ -147,7 +148,7 @@ def test_large_expanding_result_stays_an_op():
         tf.add(reduced, x, name="out_reduced")
         tf.add(small, x, name="out_small")
     gd = g.as_graph_def()
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("out_big", "out_reduced", "out_small")))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out_big", "out_reduced", "out_small"))))
     nodes = _nodes(out)
     assert nodes["small"].op == "Const"
     assert nodes["big"].op == "Fill" and nodes["dims"].op == "Const"
@@ -165,15 +166,15 @@ def test_runtime_error_leaves_graph_unfolded():
         bad = tf.gather(tf.constant([1.0, 2.0, 3.0]), tf.constant(7), name="bad")  # out of range at run time
         tf.add(bad, x, name="out")
     gd = g.as_graph_def()
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     assert _nodes(out)["bad"].op == "GatherV2"
 
 
 def test_keras_batchnorm_folds_to_one_mul_and_add(zoo_model):
     model = zoo_model("resnet50")
     plan = PrecisionPlan(inputs=model.input_names, outputs=model.output_names)
-    gd = remove_identity(model.graph_def, plan)
-    out = fold_constants(gd, plan)
+    gd = remove_identity(model.graph_def, TransformContext(plan))
+    out = fold_constants(gd, TransformContext(plan))
     ops = collections.Counter(n.op for n in out.node)
     for gone in ("Rsqrt", "Sub", "Reshape", "Squeeze", "NoOp"):
         assert ops[gone] == 0, gone
@@ -195,7 +196,7 @@ def test_folds_when_default_type_attrs_are_stripped():
     gd = g.as_graph_def()
     shape_node = next(n for n in gd.node if n.name == "shape")
     del shape_node.attr["out_type"]
-    out = fold_constants(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = fold_constants(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     nodes = _nodes(out)
     assert nodes["shape"].op == "Const"
     np.testing.assert_array_equal(const_value(nodes["shape"]), [3, 4])

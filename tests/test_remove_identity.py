@@ -13,6 +13,7 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, types_pb2  # no
 from tests import zoo  # noqa: E402
 from tests.zoo import run_graph as _run  # noqa: E402
 from tf_bf16.transforms.graph import GraphIndex, make_const, make_node, parse_input  # noqa: E402
+from tf_bf16.transforms.context import TransformContext  # noqa: E402
 from tf_bf16.transforms.plan import PrecisionPlan  # noqa: E402
 from tf_bf16.transforms.remove_identity import remove_identity  # noqa: E402
 
@@ -39,7 +40,7 @@ def test_chain_removed_and_protected_output_kept():
         tf.identity(y, name="out")
     gd = g.as_graph_def()
     before = gd.SerializeToString(deterministic=True)
-    out = remove_identity(gd, PrecisionPlan(inputs=("x",), outputs=("out:0",)))
+    out = remove_identity(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out:0",))))
     assert gd.SerializeToString(deterministic=True) == before  # input untouched
     assert _ops(out) == {"x": "Placeholder", "relu": "Relu", "out": "Identity"}
     assert list(_node(out, "relu").input) == ["x"]
@@ -61,7 +62,7 @@ def test_control_inputs_move_to_consumers():
         make_node("AddV2", "out", ["mul", "waits"], attrs=f32),
     ]
     gd = graph_pb2.GraphDef(node=nodes)
-    out = remove_identity(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    out = remove_identity(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     assert "idc" not in _ops(out) and "waits" not in _ops(out)
     assert list(_node(out, "mul").input) == ["x", "c2", "^gate"]
     # ^idc became ^x plus idc's own ^gate; both then moved from `waits` onto `out`
@@ -80,7 +81,7 @@ def test_identity_n_ports_forwarded():
         tf.add(first, second, name="out")
         tf.identity(second, name="out2")
     gd = g.as_graph_def()
-    out = remove_identity(gd, PrecisionPlan(inputs=("x",), outputs=("out", "out2")))
+    out = remove_identity(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out", "out2"))))
     assert "idn" not in _ops(out)
     assert list(_node(out, "out2").input) == ["z"]
     feeds = {"x:0": np.array([1.0, -1.0], np.float32)}
@@ -104,7 +105,7 @@ def test_identity_after_switch_and_into_merge_kept():
         merged, _ = tf.raw_ops.Merge(inputs=[branch_f, branch_t], name="merge")
         tf.identity(tf.identity(merged, name="after_merge"), name="out")
     gd = g.as_graph_def()
-    out = remove_identity(gd, PrecisionPlan(inputs=("x", "pred"), outputs=("out",)))
+    out = remove_identity(gd, TransformContext(PrecisionPlan(inputs=("x", "pred"), outputs=("out",))))
     ops = _ops(out)
     for kept in ("pivot_t", "pivot_f", "branch_t", "branch_f", "after_merge", "out"):
         assert ops[kept] == "Identity", kept
@@ -117,7 +118,7 @@ def test_keras_variable_reads_removed(zoo_model):
     model = zoo_model("mobilenetv2")
     plan = PrecisionPlan(inputs=model.input_names, outputs=model.output_names)
     gd = model.graph_def
-    out = remove_identity(gd, plan)
+    out = remove_identity(gd, TransformContext(plan))
     index = GraphIndex(out)
     identities = [n.name for n in out.node if n.op == "Identity"]
     assert identities == [parse_input(o)[0] for o in model.output_names]

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
+from tf_bf16.transforms.context import TransformContext  # noqa: E402
 from tf_bf16.transforms.plan import PrecisionPlan  # noqa: E402
 from tf_bf16.transforms.strip_unused import strip_unused  # noqa: E402
 
@@ -42,7 +43,7 @@ def _names(graph_def: graph_pb2.GraphDef) -> set:
 def test_keeps_ancestors_and_unused_inputs():
     gd = _graph()
     plan = PrecisionPlan(inputs=("x", "y"), outputs=("out",))
-    out = strip_unused(gd, plan)
+    out = strip_unused(gd, TransformContext(plan))
     assert _names(out) == {"x", "y", "c", "live", "gate", "ordered", "out"}
     # order of surviving nodes is the original order
     order = [n.name for n in gd.node if n.name in _names(out)]
@@ -53,7 +54,7 @@ def test_keeps_ancestors_and_unused_inputs():
 def test_output_port_and_result_unchanged():
     gd = _graph()
     plan = PrecisionPlan(inputs=("x",), outputs=("second:0", "out"))
-    out = strip_unused(gd, plan)
+    out = strip_unused(gd, TransformContext(plan))
     assert "dead_mul" not in _names(out) and "split" in _names(out)
     feeds = {"x:0": np.random.default_rng(0).random((3, 4), dtype=np.float32)}
     results = []
@@ -70,15 +71,15 @@ def test_output_port_and_result_unchanged():
 def test_input_graph_not_mutated():
     gd = _graph()
     before = gd.SerializeToString(deterministic=True)
-    strip_unused(gd, PrecisionPlan(inputs=("x",), outputs=("out",)))
+    strip_unused(gd, TransformContext(PrecisionPlan(inputs=("x",), outputs=("out",))))
     assert gd.SerializeToString(deterministic=True) == before
 
 
 def test_unknown_name_raises():
     with pytest.raises(ValueError, match="missing_node"):
-        strip_unused(_graph(), PrecisionPlan(inputs=("x",), outputs=("missing_node:0",)))
+        strip_unused(_graph(), TransformContext(PrecisionPlan(inputs=("x",), outputs=("missing_node:0",))))
 
 
 def test_no_outputs_raises():
     with pytest.raises(ValueError, match="no outputs"):
-        strip_unused(_graph(), PrecisionPlan(inputs=("x",)))
+        strip_unused(_graph(), TransformContext(PrecisionPlan(inputs=("x",))))

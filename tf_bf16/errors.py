@@ -39,5 +39,6 @@ class UnsupportedHardwareError(TfBf16Error):
     """BF16 was asked for on a CPU or TensorFlow build that cannot run it fast."""
 
 
-class GraphError(TfBf16Error):
-    """A GraphDef is malformed (dangling input, duplicate name, unknown op where one is required)."""
+class GraphError(TfBf16Error, ValueError):
+    """A GraphDef is malformed or a pass cannot apply to it (dangling input, duplicate name,
+    cycle, outputs not in the graph); also a ValueError, as TensorFlow raises for bad graphs."""

@@ -1,7 +1,11 @@
-"""The conversion pipeline: clean-up, BF16Convert, cast folding.
+"""The conversion pipeline: registered passes by name, in stages.
 
-One function the converter, the tuner and the benchmarks share, so every caller gets the
-same graph for the same plan.
+Stages run in order: generic FP32 clean-up, INT8 generation (empty until the INT8 stage
+lands), BF16 painting, cast folding, then the library functions' bodies (each body goes
+through the BF16 and cast-folding stages on its own). A new pass is one file in
+``transforms/``, one line in the driver's registry and its name in a stage here. The
+converter, the tuner, the CLI and the benchmarks all call this module, so every caller gets
+the same graph for the same plan.
 """
 
 from __future__ import annotations
@@ -10,15 +14,28 @@ import contextlib
 import dataclasses
 import gc
 import time
-from typing import Any, Dict
+from typing import Dict, Mapping, Tuple
 
 from tensorflow.core.framework import graph_pb2
 
 from tf_bf16.transforms import driver
-from tf_bf16.transforms.bf16_convert import BF16Convert
-from tf_bf16.transforms.fold_casts import fold_casts
-from tf_bf16.transforms.function_bodies import convert_function_bodies
+from tf_bf16.transforms.context import FunctionReport, TransformContext
 from tf_bf16.transforms.plan import PrecisionPlan
+
+# Strip again at the end of clean-up to drop what folding left unreferenced.
+CLEAN_UP: Tuple[str, ...] = ("strip_unused", "remove_identity", "fold_constants", "fold_batch_norms", "strip_unused")
+INT8: Tuple[str, ...] = ()
+BF16: Tuple[str, ...] = ("bf16_convert",)
+CAST_FOLDING: Tuple[str, ...] = ("fold_casts",)  # also drops nodes the Casts' removal left dead
+FUNCTION_BODIES: Tuple[str, ...] = ("convert_function_bodies",)
+# Passes applied to each library function body.
+BODY_TRANSFORMS: Tuple[str, ...] = BF16 + CAST_FOLDING
+
+STAGES: Mapping[str, Tuple[str, ...]] = {
+    "clean_up": CLEAN_UP, "int8": INT8, "bf16": BF16, "cast_folding": CAST_FOLDING,
+    "function_bodies": FUNCTION_BODIES,
+}
+CONVERSION: Tuple[str, ...] = INT8 + BF16 + CAST_FOLDING + FUNCTION_BODIES  # what the tuner re-runs
 
 
 @dataclasses.dataclass
@@ -31,12 +48,12 @@ class ConversionResult:
     bf16_nodes: frozenset
     seconds: Dict[str, float]
     consts_converted: int = 0
-    functions: Dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> FunctionReport
+    functions: Dict[str, FunctionReport] = dataclasses.field(default_factory=dict)
 
 
-def clean_up(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
-    """Generic FP32 clean-up (strip, identities, constants, BatchNorm folding)."""
-    return driver.run_transforms(graph_def, plan, driver.DEFAULT_CLEANUP)
+def new_context(plan: PrecisionPlan) -> TransformContext:
+    """A fresh context for one pipeline run, with the body passes set."""
+    return TransformContext(plan, body_transforms=BODY_TRANSFORMS)
 
 
 @contextlib.contextmanager
@@ -52,43 +69,34 @@ def _gc_paused():
             gc.enable()
 
 
-def _convert_stages(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan):
-    """BF16Convert then cast folding on one graph (a model or a function body)."""
-    converter = BF16Convert(graph_def, plan)
-    converted = converter.do_transformation()
-    folded = fold_casts(converted, plan)  # also drops nodes the Casts' removal left dead
-    return folded, converter
+def run(graph_def: graph_pb2.GraphDef, context: TransformContext, names: Tuple[str, ...]) -> graph_pb2.GraphDef:
+    """The registered passes ``names`` on ``graph_def``, with Python's GC paused."""
+    with _gc_paused():
+        return driver.run_transforms(graph_def, context, names)
+
+
+def clean_up(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+    """Generic FP32 clean-up (strip, identities, constants, BatchNorm folding)."""
+    return run(graph_def, new_context(plan), CLEAN_UP)
 
 
 def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
-    """Stages 2 and 3 on an already cleaned graph (the tuner re-runs only these).
+    """The stages after clean-up on an already cleaned graph (the tuner re-runs only these).
 
     Library functions (cond/while branches, PartitionedCall bodies) are converted too, each
     with FP32 arguments and results, so their callers need no change.
     """
     t0 = time.perf_counter()
-    with _gc_paused():
-        folded, converter = _convert_stages(cleaned, plan)
-    reasons = {n: d.reason for n, d in converter.decisions.items() if d.precision == "fp32"}
-    bf16 = set(n for n, d in converter.decisions.items() if d.precision == "bf16")
-    functions: Dict[str, Any] = {}
-    if folded.library.function:
-        def body(graph_def, sub_plan):
-            out, conv = _convert_stages(graph_def, sub_plan)
-            return out, {n: (d.precision, d.reason) for n, d in conv.decisions.items()}
-
-        with _gc_paused():
-            folded, functions = convert_function_bodies(folded, plan, body)
-    t1 = time.perf_counter()
-    return ConversionResult(folded, cleaned, reasons, frozenset(bf16), {"convert": t1 - t0},
-                            converter.consts_converted, functions)
+    context = new_context(plan)
+    converted = run(cleaned, context, CONVERSION)
+    return ConversionResult(converted, cleaned, context.fp32_reasons(), context.bf16_nodes(),
+                            {"convert": time.perf_counter() - t0}, context.consts_converted, dict(context.functions))
 
 
 def convert_graph(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
-    """The whole pipeline for BF16: clean-up, then ``convert_cleaned``."""
+    """The whole pipeline: clean-up, then ``convert_cleaned``."""
     t0 = time.perf_counter()
-    with _gc_paused():
-        cleaned = clean_up(graph_def, plan)
+    cleaned = clean_up(graph_def, plan)
     t1 = time.perf_counter()
     result = convert_cleaned(cleaned, plan)
     result.seconds["clean_up"] = t1 - t0

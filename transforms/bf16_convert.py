@@ -27,26 +27,20 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.norm_stats import normalization_statistics
-from tf_bf16.transforms.op_classes import (BF16_ACCUMULATE_OPS, FP32_ONLY_ATTRS, ISLAND_EPILOGUE_OPS,
-                                           MAX_BF16_ACCUMULATION, OpClass, op_class)
+from tf_bf16.transforms.context import Decision, TransformContext
+from tf_bf16.transforms.op_classes import (CALL_OPS, COND_MERGE_OPS, COND_SWITCH_OPS, FRAME_ENTER_OPS, FRAME_EXIT_OPS,
+                                           ISLAND_EPILOGUE_OPS, SOURCE_OPS, PaintRule, bf16_refusal, paint_rule)
 from tf_bf16.transforms.plan import BF16, FP32, PrecisionPlan
 
 Vertex = Tuple[str, str]  # (node name, TypeSlot.key)
 
-FRAME_OPS = frozenset({"Enter", "RefEnter"})
-FRAME_EXITS = frozenset({"Exit", "RefExit"})
-COND_OPS = frozenset({"Switch", "RefSwitch"})
-COND_EXITS = frozenset({"Merge", "RefMerge"})
-CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall", "While", "StatelessWhile", "If",
-                      "StatelessIf", "Case", "StatelessCase"})
-SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "Const"})
 OUTPUT_REASON = "last computation before a graph output kept FP32 (output precision)"
 STAT_REASON = "normalization statistic kept FP32 (mean/variance of a tensor)"
 
 
 @dataclasses.dataclass
 class _Edges:
-    """Float-vertex adjacency of one graph (see ``BF16Convert._edges``)."""
+    """Float-vertex adjacency of one graph (see ``_Conversion._edges``)."""
 
     succ: Dict[Vertex, List[Vertex]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     pred: Dict[Vertex, List[Vertex]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
@@ -54,19 +48,9 @@ class _Edges:
     fp32_consumer: Set[Vertex] = dataclasses.field(default_factory=set)
 
 
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """Final precision of one float node and, for FP32 ones, why."""
-
-    precision: str
-    reason: str = ""
-
-
-class BF16Convert:
-    """One conversion of one graph: ``BF16Convert(graph_def, plan).do_transformation()``.
-
-    Holds only per-run state, so several conversions can run side by side.
-    """
+class _Conversion:
+    """One conversion of one graph (``bf16_convert`` is the pass): per-run state only, so
+    several conversions can run side by side."""
 
     def __init__(self, graph_def: graph_pb2.GraphDef, plan: PrecisionPlan):
         self.graph_def = g.copy_graph(graph_def)
@@ -74,7 +58,6 @@ class BF16Convert:
         self.index = g.GraphIndex(self.graph_def)
         self.sigs = g.OpSignatures(self.graph_def)
         self.decisions: Dict[str, Decision] = {}
-        self.casts_added = {"to_bf16": 0, "to_fp32": 0}
         self.consts_converted = 0
         self._in_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
         self._out_slots: Dict[str, Optional[List[g.TypeSlot]]] = {}
@@ -111,6 +94,10 @@ class BF16Convert:
         outs = self._out_slots.get(node.name) or []
         return any(s.key == slot.key for s in ins) or any(s.key == slot.key for s in outs)
 
+    def _rule(self, v: Vertex) -> PaintRule:
+        """The paint rule of a vertex's op (``op_classes.PAINT_RULES``)."""
+        return paint_rule(self.index[v[0]].op)
+
     def _blocked_vertices(self, vertices: Dict[Vertex, g.TypeSlot]) -> Dict[Vertex, str]:
         """Vertices that may not be BF16, with the reason (taint handled in ``_paint``)."""
         blocked: Dict[Vertex, str] = {}
@@ -118,8 +105,6 @@ class BF16Convert:
         control_flow = self._control_flow_nodes()
         for (name, key), slot in vertices.items():
             node = self.index[name]
-            forced = self.plan.forced(name, node.op)
-            cls = op_class(node.op)
             reason = None
             if name in protected:
                 reason = "graph input/output keeps its dtype"
@@ -129,24 +114,11 @@ class BF16Convert:
                 reason = f"placed on {node.device}: tf_bf16 converts CPU nodes only"
             elif self.sigs.is_function(node.op) or node.op in CALL_OPS:
                 reason = "function call: its arguments and results stay FP32 (the body is converted on its own)"
-            elif forced == FP32:
-                reason = "forced FP32 by config"
-            elif cls is None and forced != BF16:
-                reason = f"op {node.op} is not in tf_bf16's op lists"
-            elif cls is OpClass.DENY and forced != BF16:
-                reason = f"op {node.op} is numerically unsafe in BF16 (deny list)"
-            elif slot.attr in FP32_ONLY_ATTRS.get(node.op, ()):
-                reason = f"attr {slot.attr} of {node.op} only runs in FP32"
-            elif not self._dtype_allows_bf16(node.op, slot.attr):
-                reason = f"{node.op}'s OpDef does not allow bfloat16 for {slot.attr}"
-            elif not self.plan.kernel_has_bf16(node.op, slot.attr):
-                reason = f"no CPU bfloat16 kernel for {node.op} (attr {slot.attr}) in this TensorFlow"
-            elif node.op in BF16_ACCUMULATE_OPS and forced != BF16:
-                terms = accumulated_terms(node, self.index)
-                if terms is None or terms > MAX_BF16_ACCUMULATION:
-                    reason = (f"{node.op} accumulates in BF16 on TensorFlow's CPU kernels and sums "
-                              f"{terms if terms is not None else 'an unknown number of'} terms per output "
-                              f"(BF16 only up to {MAX_BF16_ACCUMULATION})")
+            else:
+                reason = bf16_refusal(node.op, slot.attr, self.plan.forced(name, node.op),
+                                      self._dtype_allows_bf16(node.op, slot.attr),
+                                      self.plan.kernel_has_bf16(node.op, slot.attr),
+                                      lambda node=node: accumulated_terms(node, self.index))
             if reason:
                 blocked[(name, key)] = reason
         return blocked
@@ -158,8 +130,9 @@ class BF16Convert:
     def _control_flow_nodes(self) -> Dict[str, str]:
         """Nodes inside v1 while-loop frames or cond branches: FP32, with the reason."""
         out: Dict[str, str] = {}
-        for starts, stops, reason in ((FRAME_OPS, FRAME_EXITS, "inside a while-loop frame"),
-                                      (COND_OPS, COND_EXITS | FRAME_EXITS, "inside a cond branch (Switch/Merge)")):
+        for starts, stops, reason in ((FRAME_ENTER_OPS, FRAME_EXIT_OPS, "inside a while-loop frame"),
+                                      (COND_SWITCH_OPS, COND_MERGE_OPS | FRAME_EXIT_OPS,
+                                       "inside a cond branch (Switch/Merge)")):
             stack = [n.name for n in self.graph_def.node if n.op in starts]
             seen: Set[str] = set()
             while stack:
@@ -232,18 +205,15 @@ class BF16Convert:
         for v in vertices:
             if v[0] in stats and v not in blocked and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
                 blocked[v] = STAT_REASON
-        deny = [v for v in blocked if op_class(self.index[v[0]].op) is OpClass.DENY]
+        deny = [v for v in blocked if self._rule(v).taints]
         self._taint(blocked, edges.succ, edges.pred, deny, mixing=True)
         self._taint(blocked, edges.succ, edges.pred, [v for v, why in blocked.items() if why == STAT_REASON],
                     mixing=False)
         self._block_output_tail(vertices, blocked, edges.succ, edges.pred)
 
-        def cls(v: Vertex) -> Optional[OpClass]:
-            return op_class(self.index[v[0]].op)
-
         seeds = [v for v in vertices if v not in blocked and
-                 (cls(v) is OpClass.ALLOW or self.plan.forced(v[0], self.index[v[0]].op) == BF16)]
-        free = {v for v in vertices if v not in blocked and cls(v) in (OpClass.INFER, OpClass.CLEAR)}
+                 (self._rule(v).seeds or self.plan.forced(v[0], self.index[v[0]].op) == BF16)]
+        free = {v for v in vertices if v not in blocked and self._rule(v).joins}
         painted = set(seeds) | self._between(seeds, free, edges)
         self._propagate(painted, free, edges)
         return painted
@@ -270,20 +240,18 @@ class BF16Convert:
         """
         island = frozenset(painted)
 
-        def is_clear(v: Vertex) -> bool:
-            return op_class(self.index[v[0]].op) is OpClass.CLEAR
-
         def fed_by_bf16(v: Vertex) -> bool:
             ins = edges.pred.get(v, ())
             if not ins or v in edges.fp32_input or not all(w in painted for w in ins):
                 return False
-            if is_clear(v):
+            if self._rule(v).exact:
                 return True
             return self.index[v[0]].op in ISLAND_EPILOGUE_OPS and any(w in island for w in ins)
 
         def read_by_bf16(v: Vertex) -> bool:
             outs = edges.succ.get(v, ())
-            return bool(outs) and v not in edges.fp32_consumer and is_clear(v) and all(w in painted for w in outs)
+            return (bool(outs) and v not in edges.fp32_consumer and self._rule(v).exact
+                    and all(w in painted for w in outs))
 
         stack = [w for v in painted for w in edges.succ.get(v, []) + edges.pred.get(v, [])]
         while stack:
@@ -319,10 +287,10 @@ class BF16Convert:
             if v in seen or v not in vertices or v in blocked:
                 continue
             seen.add(v)
-            cls = op_class(self.index[v[0]].op)
-            if cls is OpClass.CLEAR:
+            rule = self._rule(v)
+            if rule.exact:
                 stack.extend(pred.get(v, ()))
-            elif cls is OpClass.INFER and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
+            elif rule.rounds and self.plan.forced(v[0], self.index[v[0]].op) != BF16:
                 blocked[v] = OUTPUT_REASON
         # CLEAR vertices between such an INFER op and the output stay FP32 with it; those that
         # reach no INFER op gain nothing from FP32 and are left free.
@@ -340,7 +308,7 @@ class BF16Convert:
         linked, stack = set(anchors), list(anchors)
         while stack:
             for w in step.get(stack.pop(), ()):
-                if w in members and w not in linked and op_class(self.index[w[0]].op) is OpClass.CLEAR:
+                if w in members and w not in linked and self._rule(w).exact:
                     linked.add(w)
                     stack.append(w)
         return linked
@@ -363,7 +331,7 @@ class BF16Convert:
         normalized = {g.skip_identity(self.index, self.index[v[0]].input[0]) for v in sources if self.index[v[0]].input}
 
         def joins(v: Vertex) -> bool:
-            if v in blocked or op_class(self.index[v[0]].op) not in (OpClass.INFER, OpClass.CLEAR):
+            if v in blocked or not self._rule(v).joins:
                 return False
             if self.plan.forced(v[0], self.index[v[0]].op) == BF16:
                 return False
@@ -395,7 +363,7 @@ class BF16Convert:
         # A CLEAR vertex stays in the region only on the way to an INFER member: one that
         # merely forwards the region's output (a Reshape before a MatMul) may go BF16, so the
         # region's single border Cast is shared with the other consumers.
-        anchors = {v for v in region if v in sources or op_class(self.index[v[0]].op) is OpClass.INFER}
+        anchors = {v for v in region if v in sources or self._rule(v).rounds}
         for v in self._linked_through_clear(anchors, region, pred):
             if v not in blocked:
                 blocked[v] = f"fed by FP32-only node {origin[v]}"
@@ -423,7 +391,7 @@ class BF16Convert:
         fp32_inputs = [w[0] for w in ins if w not in painted]
         if v in edges.fp32_input:
             fp32_inputs.append("graph input or Cast")
-        if op_class(self.index[v[0]].op) is OpClass.CLEAR:
+        if self._rule(v).exact:
             return "links FP32 and BF16 tensors: BF16 here would round values FP32 consumers read"
         if fp32_inputs:
             return (f"reads FP32 {fp32_inputs[0]}: BF16 here would round an FP32 value outside a BF16 island "
@@ -462,7 +430,6 @@ class BF16Convert:
                 existing[cast_name] = cast
                 new_nodes.append(cast)
                 casts[key] = cast_name
-                self.casts_added["to_bf16" if want == g.BFLOAT16 else "to_fp32"] += 1
             node.input[i] = casts[key]
         self.graph_def.node.extend(new_nodes)
         return self.graph_def
@@ -562,6 +529,14 @@ def accumulated_terms(node: node_def_pb2.NodeDef, index: g.GraphIndex) -> Option
     return terms
 
 
-def bf16_convert(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
-    """Convert ``graph_def`` to mixed BF16/FP32 following ``plan`` (see ``BF16Convert``)."""
-    return BF16Convert(graph_def, plan).do_transformation()
+def bf16_convert(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
+    """Convert ``graph_def`` to mixed BF16/FP32 following ``context.plan``.
+
+    Records every float node's precision (and, for FP32 ones, why) in ``context.decisions``
+    and counts the Consts converted offline in ``context.consts_converted``.
+    """
+    conversion = _Conversion(graph_def, context.plan)
+    out = conversion.do_transformation()
+    context.decisions.update(conversion.decisions)
+    context.consts_converted += conversion.consts_converted
+    return out

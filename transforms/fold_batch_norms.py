@@ -19,7 +19,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 
 from tf_bf16.transforms.graph import (GraphIndex, const_value, copy_graph, make_const, parse_input, rebuild,
                                       reachable_from, unique_name)
-from tf_bf16.transforms.plan import PrecisionPlan
+from tf_bf16.transforms.context import TransformContext
 
 BASE_OPS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul"})
 FUSED_BN_OPS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
@@ -49,12 +49,13 @@ class _Chain:
     scaled: bool  # a Mul or BatchNorm is in the chain (else only biases were merged)
 
 
-def fold_batch_norms(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+def fold_batch_norms(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Fold each exact per-channel scale/shift chain after a conv/matmul into filter and bias.
 
     Only chains whose filter is a Const read by nothing else and whose intermediate tensors
     have no other readers are folded; protected nodes are never changed or removed.
     """
+    plan = context.plan
     out = copy_graph(graph_def)
     index = GraphIndex(out)
     protected = plan.protected

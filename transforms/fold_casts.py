@@ -18,7 +18,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2, types_pb2
 
 from tf_bf16.transforms import graph as g
-from tf_bf16.transforms.plan import PrecisionPlan
+from tf_bf16.transforms.context import TransformContext
 
 # (from, to) conversions that are exact for every value, so a following Cast may start
 # from the original dtype instead.
@@ -32,8 +32,9 @@ for _small in (types_pb2.DT_BOOL, types_pb2.DT_INT8, types_pb2.DT_UINT8, types_p
 _EXACT_WIDENING = frozenset(_EXACT_WIDENING)
 
 
-def fold_casts(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+def fold_casts(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Apply the exact Cast rewrites until the graph stops changing."""
+    plan = context.plan
     out = g.copy_graph(graph_def)
     protected = plan.protected
     while True:

@@ -17,10 +17,11 @@ from absl import logging
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 from tensorflow.python.framework import errors
 
-from tf_bf16.transforms.graph import (STATEFUL_SOURCE_OPS, V1_CONTROL_FLOW_OPS, GraphIndex, OpSignatures, copy_graph,
+from tf_bf16.transforms.graph import (GraphIndex, OpSignatures, copy_graph,
                                       make_const, parse_input, reachable_from, rebuild, slot_dtype,
                                       unique_name)
-from tf_bf16.transforms.plan import PrecisionPlan
+from tf_bf16.transforms.context import TransformContext
+from tf_bf16.transforms.op_classes import STATEFUL_SOURCE_OPS, V1_CONTROL_FLOW_OPS
 
 # A folded tensor above this many elements that is also much larger than its inputs
 # (Fill, Tile, BroadcastTo, ZerosLike of a big shape) stays an op: storing it would bloat the
@@ -34,7 +35,7 @@ NEVER_FOLD_OPS = STATEFUL_SOURCE_OPS | V1_CONTROL_FLOW_OPS | frozenset({"_Retval
 UNFOLDABLE_DTYPES = frozenset({types_pb2.DT_RESOURCE, types_pb2.DT_VARIANT, types_pb2.DT_INVALID})
 
 
-def fold_constants(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+def fold_constants(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Evaluate constant subgraphs once and splice their values in as Const nodes.
 
     Protected nodes (inputs, outputs) are never replaced, so every output keeps its name, op
@@ -42,6 +43,7 @@ def fold_constants(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_
     (and from NoOps that only wait on constants, like the one Keras freezing leaves behind)
     order nothing and are dropped, and constants nobody reads any more are removed.
     """
+    plan = context.plan
     out = copy_graph(graph_def)
     index = GraphIndex(out)
     signatures = OpSignatures(out)

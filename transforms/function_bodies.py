@@ -1,43 +1,34 @@
-"""Convert the bodies of a graph's library functions (cond/while branches, PartitionedCall).
+"""convert_function_bodies: convert the bodies of a graph's library functions (cond/while
+branches, PartitionedCall).
 
 TensorFlow's AMP pass leaves function bodies untouched. Here each monomorphic FunctionDef is
-turned into a GraphDef, converted with its arguments and return values as FP32 borders (so
-every caller stays valid), and turned back into a FunctionDef with the same signature.
-Polymorphic functions (signature type attrs) are left as they are and reported.
+turned into a GraphDef, run through the passes named by ``context.body_transforms`` with its
+arguments and return values as FP32 borders (so every caller stays valid), and turned back
+into a FunctionDef with the same signature. Polymorphic functions (signature type attrs) are
+left as they are; every function gets a ``FunctionReport`` in ``context.functions``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Dict, Tuple
+from typing import Dict
 
 from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2
+from tensorflow.python.framework import function_def_to_graph
 
+from tf_bf16.errors import GraphError
 from tf_bf16.transforms import graph as g
-from tf_bf16.transforms.plan import PrecisionPlan
-
-# convert(body GraphDef, plan) -> (converted GraphDef, {node: (precision, reason)})
-BodyConverter = Callable[[graph_pb2.GraphDef, PrecisionPlan], Tuple[graph_pb2.GraphDef, Dict[str, Tuple[str, str]]]]
+from tf_bf16.transforms.context import FunctionReport, TransformContext
 
 
-@dataclasses.dataclass
-class FunctionReport:
-    """What happened to one library function."""
-
-    converted: bool
-    reason: str = ""
-    bf16_nodes: int = 0
-    casts: int = 0
-    fp32_nodes: Dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def convert_function_bodies(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan,
-                            convert: BodyConverter) -> Tuple[graph_pb2.GraphDef, Dict[str, FunctionReport]]:
-    """A copy of ``graph_def`` whose library functions are converted by ``convert``."""
-    from tensorflow.python.framework import function_def_to_graph
-
+def convert_function_bodies(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
+    """A copy of ``graph_def`` whose library functions went through ``context.body_transforms``."""
+    if not graph_def.library.function or not context.body_transforms:
+        return graph_def
+    if context.run is None:
+        raise GraphError("convert_function_bodies runs other passes on each body: call it through "
+                         "tf_bf16.transforms.driver.run_transforms")
     out = g.copy_graph(graph_def)
-    reports: Dict[str, FunctionReport] = {}
+    reports: Dict[str, FunctionReport] = context.functions
     for i, fdef in enumerate(graph_def.library.function):
         name = fdef.signature.name
         if fdef.signature.attr:
@@ -51,16 +42,13 @@ def convert_function_bodies(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan,
         body.library.CopyFrom(graph_def.library)
         args = [a.name for a in fdef.signature.input_arg]
         rets = [g.canonical_tensor(flat_names[fdef.ret[o.name]]) for o in fdef.signature.output_arg]
-        sub_plan = dataclasses.replace(plan, inputs=tuple(args), outputs=tuple(rets),
-                                       node_precisions={})
-        converted, decisions = convert(body, sub_plan)
+        sub = context.for_body(args, rets)
+        converted = context.run(body, sub, context.body_transforms)
         new_fdef = _to_function_def(fdef, converted, set(args))
         out.library.function[i].CopyFrom(new_fdef)
-        reports[name] = FunctionReport(
-            True, "", sum(1 for p, _ in decisions.values() if p == "bf16"),
-            sum(1 for n in converted.node if n.op == "Cast"),
-            {n: r for n, (p, r) in decisions.items() if p == "fp32"})
-    return out, reports
+        reports[name] = FunctionReport(True, "", len(sub.bf16_nodes()),
+                                       sum(1 for n in converted.node if n.op == "Cast"), sub.fp32_reasons())
+    return out
 
 
 def _to_function_def(original: function_pb2.FunctionDef, body: graph_pb2.GraphDef, args: set) -> function_pb2.FunctionDef:
@@ -101,4 +89,4 @@ def _nested_name(node: node_def_pb2.NodeDef, port: int, sigs: g.OpSignatures) ->
         if port < seen + count:
             return f"{node.name}:{arg.name}:{port - seen}"
         seen += count
-    raise ValueError(f"{node.name} ({node.op}) has no output {port}")
+    raise GraphError(f"{node.name} ({node.op}) has no output {port}")

@@ -16,19 +16,11 @@ import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
+from tf_bf16.errors import GraphError
+from tf_bf16.transforms.op_classes import IDENTITY_OPS
+
 FLOAT = types_pb2.DT_FLOAT
 BFLOAT16 = types_pb2.DT_BFLOAT16
-
-# Ops whose output value does not depend only on their inputs, or that touch state;
-# constant folding and dead-node removal must never treat them as pure.
-STATEFUL_SOURCE_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "PlaceholderV2", "_Arg"})
-
-# TF1 (v1) control-flow ops: they carry frames and deadness, so passes never fold, bypass or
-# retype across them.
-V1_CONTROL_FLOW_OPS = frozenset({
-    "Switch", "RefSwitch", "_SwitchN", "Merge", "RefMerge", "Enter", "RefEnter", "Exit", "RefExit",
-    "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger",
-})
 
 
 def parse_input(spec: str) -> Tuple[str, int, bool]:
@@ -71,7 +63,7 @@ class GraphIndex:
         self.nodes: Dict[str, node_def_pb2.NodeDef] = {}
         for node in graph_def.node:
             if node.name in self.nodes:
-                raise ValueError(f"duplicate node name {node.name!r} in GraphDef")
+                raise GraphError(f"duplicate node name {node.name!r} in GraphDef")
             self.nodes[node.name] = node
         # (producer, port) -> [(consumer, input index)]
         self._consumers: Dict[Tuple[str, int], List[Tuple[node_def_pb2.NodeDef, int]]] = (
@@ -162,7 +154,7 @@ class GraphIndex:
                     ready.append(dst)
         if len(order) != len(self.nodes):
             stuck = sorted(n for n, d in indegree.items() if d > 0)[:5]
-            raise ValueError(f"GraphDef has a cycle or a dangling input near {stuck}")
+            raise GraphError(f"GraphDef has a cycle or a dangling input near {stuck}")
         return order
 
 
@@ -420,9 +412,6 @@ def rebuild(graph_def: graph_pb2.GraphDef, nodes: Iterable[node_def_pb2.NodeDef]
     out.library.CopyFrom(graph_def.library)
     out.node.extend(nodes)
     return out
-
-
-IDENTITY_OPS = frozenset({"Identity", "StopGradient", "Snapshot", "PreventGradient"})
 
 
 def skip_identity(index: GraphIndex, spec: str, max_depth: int = 64) -> str:

@@ -46,9 +46,10 @@ TensorFlow builds, TF 2.21 included.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import types
-from typing import Dict, FrozenSet, Mapping, Optional
+from typing import Callable, Dict, FrozenSet, Mapping, Optional
 
 
 class OpClass(enum.Enum):
@@ -135,12 +136,38 @@ FP32_ONLY_ATTRS: Mapping[str, FrozenSet[str]] = types.MappingProxyType({
 # so a bf16 _FusedConv2D node fails validation: paint Conv2D before fusion instead.
 KERNEL_CHECK_OPS: FrozenSet[str] = frozenset({"_FusedConv2D"})
 
-# Control-flow ops: deliberately in no class, so graphs with them keep those nodes FP32.
-CONTROL_FLOW_OPS: FrozenSet[str] = frozenset({
-    "Enter", "RefEnter", "Exit", "RefExit", "Switch", "RefSwitch", "Merge", "RefMerge",
-    "NextIteration", "RefNextIteration", "LoopCond", "While", "StatelessWhile", "If",
-    "StatelessIf", "Case", "StatelessCase", "PartitionedCall", "StatefulPartitionedCall",
+# --------------------------------------------------------------------------------------
+# Graph-structure facts every pass shares (control flow, identities, sources)
+# --------------------------------------------------------------------------------------
+
+# TF1 (v1) control flow: frames and deadness, so passes never fold, bypass or retype across them.
+FRAME_ENTER_OPS: FrozenSet[str] = frozenset({"Enter", "RefEnter"})
+FRAME_EXIT_OPS: FrozenSet[str] = frozenset({"Exit", "RefExit"})
+COND_SWITCH_OPS: FrozenSet[str] = frozenset({"Switch", "RefSwitch"})
+COND_MERGE_OPS: FrozenSet[str] = frozenset({"Merge", "RefMerge"})
+V1_CONTROL_FLOW_OPS: FrozenSet[str] = (FRAME_ENTER_OPS | FRAME_EXIT_OPS | COND_SWITCH_OPS | COND_MERGE_OPS | frozenset({
+    "_SwitchN", "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger"}))
+# Function-calling ops (v2 control flow and calls): their arguments and results stay FP32 and
+# their bodies are converted on their own.
+CALL_OPS: FrozenSet[str] = frozenset({
+    "PartitionedCall", "StatefulPartitionedCall", "While", "StatelessWhile", "If", "StatelessIf", "Case",
+    "StatelessCase",
 })
+# Control-flow ops: deliberately in no paint class, so graphs with them keep those nodes FP32.
+CONTROL_FLOW_OPS: FrozenSet[str] = V1_CONTROL_FLOW_OPS | CALL_OPS
+
+# Single-input ops whose output is their input at inference time (looked through when
+# matching patterns); PASS_THROUGH_OPS adds those that forward several inputs or check them.
+IDENTITY_OPS: FrozenSet[str] = frozenset({"Identity", "StopGradient", "Snapshot", "PreventGradient"})
+PASS_THROUGH_OPS: FrozenSet[str] = IDENTITY_OPS | frozenset({"IdentityN", "CheckNumerics"})
+
+# Graph inputs: their value does not depend on other nodes, so they are never folded or dropped.
+STATEFUL_SOURCE_OPS: FrozenSet[str] = frozenset({"Placeholder", "PlaceholderWithDefault", "PlaceholderV2", "_Arg"})
+# Nodes BF16Convert never paints (sources; a Const feeding BF16 is converted offline instead).
+SOURCE_OPS: FrozenSet[str] = frozenset({"Placeholder", "PlaceholderWithDefault", "Const"})
+
+# Ops whose output saturates: BF16 error is measured at their input (the logits) when ranking.
+SATURATING_OPS: FrozenSet[str] = frozenset({"Softmax", "Sigmoid"})
 
 
 def _index(classes: Mapping[OpClass, FrozenSet[str]]) -> Mapping[str, OpClass]:
@@ -167,3 +194,73 @@ _CLASS_OF: Mapping[str, OpClass] = _index(OPS_BY_CLASS)
 def op_class(op: str) -> Optional[OpClass]:
     """The paint class of op type ``op``; None for an unlisted op, which stays FP32."""
     return _CLASS_OF.get(op)
+
+
+# --------------------------------------------------------------------------------------
+# The paint policy: what each class does in BF16Convert, and the one per-op refusal check
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PaintRule:
+    """How BF16Convert treats the ops of one class.
+
+    ``seeds``: starts a BF16 island wherever nothing refuses it (ALLOW). ``joins``: may go
+    BF16 between islands, and joins an FP32 region grown from a deny op or a statistic
+    (INFER, CLEAR). ``exact``: rounds nothing beyond its inputs, so it follows an island both
+    ways and is looked through (CLEAR). ``taints``: keeps the INFER ops that read it FP32 (DENY).
+    """
+
+    seeds: bool = False
+    joins: bool = False
+    exact: bool = False
+    taints: bool = False
+
+    @property
+    def rounds(self) -> bool:
+        """Joins islands but rounds its result (INFER): the op that anchors an FP32 region."""
+        return self.joins and not self.exact
+
+
+PAINT_RULES: Mapping[OpClass, PaintRule] = types.MappingProxyType({
+    OpClass.ALLOW: PaintRule(seeds=True),
+    OpClass.INFER: PaintRule(joins=True),
+    OpClass.CLEAR: PaintRule(joins=True, exact=True),
+    OpClass.DENY: PaintRule(taints=True),
+})
+UNLISTED_RULE = PaintRule()  # an op in no class stays FP32 and takes part in no rule
+
+
+def paint_rule(op: str) -> PaintRule:
+    """The paint rule of op type ``op`` (``UNLISTED_RULE`` for an op in no class)."""
+    cls = _CLASS_OF.get(op)
+    return PAINT_RULES[cls] if cls is not None else UNLISTED_RULE
+
+
+def bf16_refusal(op: str, attr: str, forced: Optional[str], opdef_allows_bf16: bool, kernel_has_bf16: bool,
+                 terms: Callable[[], Optional[int]]) -> Optional[str]:
+    """Why type attr ``attr`` of an ``op`` node may not be BF16, from op facts alone; None if it may.
+
+    ``forced`` is the precision the plan forces on the node ("fp32", "bf16" or None);
+    ``terms()`` counts what one output of a BF16-accumulating op sums (None if unknown) and
+    is called only for such ops. The checks run in this order and the first one that fails names the reason.
+    """
+    cls = _CLASS_OF.get(op)
+    if forced == "fp32":
+        return "forced FP32 by config"
+    if cls is None and forced != "bf16":
+        return f"op {op} is not in tf_bf16's op lists"
+    if cls is OpClass.DENY and forced != "bf16":
+        return f"op {op} is numerically unsafe in BF16 (deny list)"
+    if attr in FP32_ONLY_ATTRS.get(op, ()):
+        return f"attr {attr} of {op} only runs in FP32"
+    if not opdef_allows_bf16:
+        return f"{op}'s OpDef does not allow bfloat16 for {attr}"
+    if not kernel_has_bf16:
+        return f"no CPU bfloat16 kernel for {op} (attr {attr}) in this TensorFlow"
+    if op in BF16_ACCUMULATE_OPS and forced != "bf16":
+        count = terms()
+        if count is None or count > MAX_BF16_ACCUMULATION:
+            return (f"{op} accumulates in BF16 on TensorFlow's CPU kernels and sums "
+                    f"{count if count is not None else 'an unknown number of'} terms per output "
+                    f"(BF16 only up to {MAX_BF16_ACCUMULATION})")
+    return None

@@ -14,27 +14,23 @@ from typing import Dict, List, Set, Tuple
 
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
-from tf_bf16.transforms.graph import (V1_CONTROL_FLOW_OPS, GraphIndex, canonical_tensor, copy_graph, parse_input,
+from tf_bf16.transforms.graph import (GraphIndex, canonical_tensor, copy_graph, parse_input,
                                       rebuild)
-from tf_bf16.transforms.plan import PrecisionPlan
+from tf_bf16.transforms.context import TransformContext
+from tf_bf16.transforms.op_classes import PASS_THROUGH_OPS, V1_CONTROL_FLOW_OPS
 
-# Ops whose output k equals data input k at inference time (all but IdentityN have one).
-PASS_THROUGH_OPS = frozenset({
-    "Identity", "IdentityN", "CheckNumerics", "StopGradient", "PreventGradient", "Snapshot",
-})
-
-# v1 control-flow ops: an Identity reading from or feeding one of these is kept.
 
 # removed node -> (tensor read instead of each output port, control inputs readers inherit)
 _Forward = Dict[str, Tuple[List[str], List[str]]]
 
 
-def remove_identity(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+def remove_identity(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Remove pass-through nodes, rewiring consumers to the source tensor.
 
     Protected nodes (the graph's inputs and outputs) stay. One walk in topological order
     resolves whole chains (Identity -> StopGradient -> Identity) in linear time.
     """
+    plan = context.plan
     out = copy_graph(graph_def)
     index = GraphIndex(out)
     protected = plan.protected

@@ -11,22 +11,24 @@ from __future__ import annotations
 from tensorflow.core.framework import graph_pb2
 
 from tf_bf16.transforms.graph import GraphIndex, node_name, reachable_from, rebuild
-from tf_bf16.transforms.plan import PrecisionPlan
+from tf_bf16.errors import GraphError
+from tf_bf16.transforms.context import TransformContext
 
 
-def strip_unused(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.GraphDef:
+def strip_unused(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Keep the outputs' data and control ancestors plus the inputs, in their original order.
 
-    Raises ValueError when an input or output names a node that is not in the graph, since
+    Raises GraphError when an input or output names a node that is not in the graph, since
     stripping against a wrong name would silently delete the whole model.
     """
+    plan = context.plan
     if not plan.outputs:
-        raise ValueError("strip_unused: the plan names no outputs, so every node would be dropped")
+        raise GraphError("strip_unused: the plan names no outputs, so every node would be dropped")
     index = GraphIndex(graph_def)
     seeds = [node_name(name) for name in tuple(plan.outputs) + tuple(plan.inputs)]
     missing = sorted({name for name in seeds if name not in index})
     if missing:
-        raise ValueError(f"strip_unused: input/output node(s) {missing} are not in the graph")
+        raise GraphError(f"strip_unused: input/output node(s) {missing} are not in the graph")
     keep = reachable_from(index, seeds)
     # rebuild() copies each kept NodeDef, so the caller's GraphDef is never shared or mutated.
     return rebuild(graph_def, (node for node in graph_def.node if node.name in keep))
