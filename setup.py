@@ -27,7 +27,7 @@ def read_version() -> str:
 
 def install_requires() -> list:
     """Runtime requirements; TensorFlow only unless the no-TF switch is set."""
-    requires = ["numpy", "pyyaml", "absl-py"]
+    requires = ["numpy", "pyyaml", "absl-py", "pydantic>=2"]
     if os.environ.get(NO_TF_SWITCH, "").strip().lower() not in ("1", "true", "yes", "on"):
         requires.append(TENSORFLOW)
     return requires

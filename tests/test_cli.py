@@ -168,3 +168,60 @@ def test_convert_refuses_without_bf16_hardware(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert_one_error_line(result, 1, "avx512_bf16", "FORCE_BF16")
     assert not (tmp_path / "out").exists()
+
+
+def test_transform_runs_named_passes_as_convert_does(tmp_path):
+    """`transform` with the pipeline's pass list writes the very graph `convert` writes."""
+    from tf_bf16 import pipeline
+
+    names = pipeline.CLEAN_UP + pipeline.BF16 + pipeline.CAST_FOLDING
+    by_transform, by_convert, report = tmp_path / "t.pb", tmp_path / "c.pb", tmp_path / "r.json"
+    result = run_cli("transform", f"--input_model={EXAMPLE}", f"--output_model={by_transform}",
+                     f"--transforms={','.join(names)}", f"--report={report}")
+    assert result.returncode == 0, result.stderr
+    assert run_cli("convert", f"--input_model={EXAMPLE}", f"--output_model={by_convert}",
+                   "--target=spr").returncode == 0
+    from tensorflow.core.framework import graph_pb2
+
+    def read(path):
+        return graph_pb2.GraphDef.FromString(path.read_bytes())
+
+    assert read(by_transform) == read(by_convert)
+    data = json.loads(report.read_text())
+    assert data["transforms"] == list(names) and data["op_types"]["Conv2D"]["bf16"] == 2
+    # Clean-up alone: fewer nodes, nothing in BF16.
+    cleaned = tmp_path / "cleaned.pbtxt"
+    result = run_cli("transform", f"--input_model={EXAMPLE}", f"--output_model={cleaned}",
+                     "--transforms=strip_unused,remove_identity,fold_constants")
+    assert result.returncode == 0, result.stderr
+    assert "DT_BFLOAT16" not in cleaned.read_text() and "op: \"Conv2D\"" in cleaned.read_text()
+
+
+def test_transform_unknown_name_lists_known_passes(tmp_path):
+    out = tmp_path / "out.pb"
+    result = run_cli("transform", f"--input_model={EXAMPLE}", f"--output_model={out}",
+                     "--transforms=strip_unused,no_such_pass")
+    assert_one_error_line(result, 1, "'no_such_pass'", "bf16_convert", "fold_casts")
+    assert not out.exists()
+    assert_one_error_line(run_cli("transform", f"--input_model={EXAMPLE}", f"--output_model={out}"), 2,
+                          "--transforms")
+
+
+def test_convert_takes_outputs_from_the_yaml_config(tmp_path):
+    """YAML model.outputs names the outputs on the CLI path too; --outputs beats it."""
+    from tf_bf16.model import Model
+
+    source = Model(str(EXAMPLE))
+    hidden = next(n.name for n in source.graph_def.node if n.op == "Relu")
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(f"model:\n  outputs: [{hidden}]\n")
+    out = tmp_path / "out.pb"
+    result = run_cli("convert", f"--input_model={EXAMPLE}", f"--output_model={out}", f"--config={conf}",
+                     "--target=spr")
+    assert result.returncode == 0, result.stderr
+    assert Model(str(out)).output_names == [hidden]
+    flagged = tmp_path / "flagged.pb"
+    result = run_cli("convert", f"--input_model={EXAMPLE}", f"--output_model={flagged}", f"--config={conf}",
+                     f"--outputs={','.join(source.output_names)}", "--target=spr")
+    assert result.returncode == 0, result.stderr
+    assert Model(str(flagged)).output_names == list(source.output_names)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import subprocess
+import sys
 import textwrap
 from typing import Any, Dict
 
@@ -423,6 +425,50 @@ def test_bad_source_type():
     assert "YAML file path" in _error(42)
 
 
+def test_errors_are_one_line_with_a_short_preview_of_the_value():
+    msg = _error({"tuning": {"exit_policy": {"timeout": ["x" * 50] * 20}}})
+    assert msg.startswith("config key 'tuning.exit_policy.timeout': expected a finite number >= 0; got [")
+    assert "..." in msg and len(msg) < 200 and "\n" not in msg
+    assert "validation error" not in msg and "pydantic" not in msg
+
+
+@pytest.mark.parametrize("source, key", [
+    (_dummy_loader(shape=[[2, 3], [2]], dtype="float8"), "evaluation.accuracy.dataloader.dataset.dummy.dtype"),
+    ({"quantization": {"calibration": {"sampling_size": 0}}}, "quantization.calibration.sampling_size"),
+    ({"mixed_precision": {"op_wise": {"n": {"weight": {"dtype": "fp16"}}}}},
+     "mixed_precision.op_wise.n.weight.dtype"),
+    ({"evaluation": {"accuracy": {"metric": {"topk": {"k": "5"}}}}}, "evaluation.accuracy.metric.topk.k"),
+])
+def test_a_single_value_for_a_list_is_reported_at_its_key(source: Dict[str, Any], key: str):
+    assert _error(source).startswith(f"config key '{key}': ")
+
+
+def test_per_input_values_broadcast_and_lists_need_one_per_shape():
+    spec = load_config(_dummy_loader(shape=[[2, 3], [2]], low=-1, dtype="int32")).evaluation.accuracy
+    dummy = spec.dataloader.dataset
+    assert (dummy.low, dummy.high, dummy.dtype) == ((-1.0, -1.0), (1.0, 1.0), ("int32", "int32"))
+    assert "list of 2" in _error(_dummy_loader(shape=[[2, 3], [2]], low=[0.5]))
+
+
+def test_constants_have_one_home():
+    from tf_bf16 import capability, common, metrics
+    from tf_bf16.transforms import plan
+
+    assert config_lib.PRECISIONS is plan.PRECISIONS and config_lib.FP32 is plan.FP32
+    assert config_lib.TARGETS is capability.TARGETS and config_lib.LAST_BATCH is common.LAST_BATCH
+    assert config_lib.METRICS is metrics.METRICS
+    for name, cls in metrics.METRICS.items():
+        spec = {name: 1 if name == "topk" else {}}
+        metric = load_config({"evaluation": {"accuracy": {"metric": spec}}}).evaluation.accuracy.metric
+        assert metric.higher_is_better is cls.higher_is_better
+
+
+def test_importing_the_config_does_not_load_tensorflow():
+    code = "import sys, tf_bf16.config; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 # ------------------------------------------------------------------ YAML files
 
 def test_missing_yaml_file_names_path(tmp_path):
@@ -482,19 +528,6 @@ def test_to_dict_round_trip_pickle_and_hash(tmp_path):
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     assert copy.deepcopy(cfg) == cfg
     assert hash(cfg) == hash(load_config(plain))
-
-
-def test_with_overrides():
-    cfg = load_config({"tuning": {"accuracy_criterion": {"relative": 0.05}}})
-    new = cfg.with_overrides({"tuning.accuracy_criterion.absolute": 0.1,
-                              "mixed_precision": {"precisions": "fp32"},
-                              "tuning.exit_policy.timeout": 10})
-    assert new.tuning.accuracy_criterion == config_lib.AccuracyCriterion("absolute", 0.1, True)
-    assert new.mixed_precision.precisions == ("fp32",)
-    assert new.tuning.exit_policy.timeout == 10.0
-    assert cfg.tuning.accuracy_criterion.criterion == "relative"  # original untouched
-    with pytest.raises(ConfigError, match="'tuning.exit_policy.timeout'"):
-        cfg.with_overrides({"tuning.exit_policy.timeout": -1})
 
 
 # ---------------------------------------------------------------- quantization dtype overrides

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tf_bf16 import common, config as config_lib, data
-from tf_bf16.errors import ConfigError
+from tf_bf16.errors import ConfigError, InputError
 
 
 class Samples:
@@ -64,7 +64,7 @@ def test_multi_input_samples_keep_their_structure():
     d, _ = next(iter(common.DataLoader(Samples(5, as_dict=True), batch_size=2)))
     assert set(d) == {"a", "b"} and d["a"].shape == (2, 3)
     np.testing.assert_array_equal(common.model_feeds(d, ["b", "a"])["b"], d["b"])
-    with pytest.raises(KeyError, match="miss model input"):
+    with pytest.raises(InputError, match="miss model input"):
         common.model_feeds(d, ["a", "c"])
     with pytest.raises(ValueError, match="takes 3"):
         common.model_feeds(x, ["p", "q", "r"])
@@ -101,7 +101,7 @@ def test_bad_loader_arguments_and_samples():
         def __len__(self):
             return 2
 
-    with pytest.raises(TypeError, match=r"dataset\[0\] must be an \(input, label\) pair"):
+    with pytest.raises(InputError, match=r"dataset\[0\] must be an \(input, label\) pair"):
         list(common.DataLoader(NoLabels()))
 
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from tests import zoo
-from tf_bf16.errors import ModelLoadError, ModelSaveError, TfBf16Error
+from tf_bf16.errors import InputError, ModelLoadError, ModelSaveError, TfBf16Error
 from tf_bf16.model import Model
 
 ROUNDTRIP_NAMES = ["resnet50", "mobilenetv2", "efficientnetb0", "bert"]
@@ -395,9 +395,9 @@ def test_run_dict_and_list_feeds() -> None:
     assert_close(by_list, [expected["out1"], expected["out2"]], "list feeds")
     assert_close(by_dict, by_list, "dict feeds", tol=0.0)
     assert_close(model([x, y]), by_list, "__call__", tol=0.0)
-    with pytest.raises(KeyError, match="zzz"):
+    with pytest.raises(InputError, match="zzz"):
         model.run({"x": x, "y": y, "zzz": y})
-    with pytest.raises(KeyError, match="y"):
+    with pytest.raises(InputError, match="y"):
         model.run({"x": x})
     with pytest.raises(ValueError, match="expected 2"):
         model.run([x])

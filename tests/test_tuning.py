@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tf_bf16 import pipeline, sensitivity, tuning
+from tf_bf16 import evaluation, pipeline, sensitivity, tuning
 from tf_bf16.errors import ConfigError
 from tf_bf16.experimental import MixedPrecision, common
 from tf_bf16.model import Model
@@ -267,7 +267,7 @@ def test_eval_func_without_data_ranks_on_synthetic_inputs(fragile):
     converter.eval_func = lambda m: _accuracy(m, x, y)
     optimized = converter()
     report = optimized.report["tuning"]
-    assert report["sensitivity"]["samples"] == tuning.SYNTHETIC_BATCH
+    assert report["sensitivity"]["samples"] == evaluation.SYNTHETIC_BATCH
     assert report["goal_met"] and core <= set(report["best"]["fp32_nodes"]) <= neighbourhood
     assert report["evaluations"] <= _bound(report["candidates"])
 
@@ -367,7 +367,7 @@ def test_dataloader_without_metric_names_the_key(digits_model):
     ("relative", 0.5, True, -4.0, -6.1, False), ("absolute", 1.0, True, 0.5, float("nan"), False),
 ])
 def test_criterion(kind, loss, higher, baseline, value, passes):
-    criterion = tuning.Criterion(kind, loss, higher)
+    criterion = evaluation.Criterion(kind, loss, higher)
     assert criterion.passes(value, baseline) is passes
 
 

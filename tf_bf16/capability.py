@@ -6,26 +6,24 @@ ops TensorFlow has BF16 CPU kernels for (TensorFlow's kernel registry), and whet
 on. ``check_bf16`` turns the answers into either a go-ahead (with warnings) or an
 ``UnsupportedHardwareError`` naming what is missing. Nothing here reads ``os.environ`` except
 ``resolve_capability`` when no ``env`` mapping is passed, and nothing calls ``sys.exit``.
+TensorFlow is imported inside the functions that ask it, so the CPU tables (``TARGETS``) can
+be imported, e.g. by the config, without loading TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import platform
 import types
-from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
-from tensorflow.core.framework import kernel_def_pb2, types_pb2
-from tensorflow.python.framework import kernels, op_def_registry
+from absl import logging
 
 from tf_bf16.errors import ConfigError, UnsupportedHardwareError
 
-_LOG = logging.getLogger(__name__)
-
-BFLOAT16 = types_pb2.DT_BFLOAT16
-FLOAT = types_pb2.DT_FLOAT
+if TYPE_CHECKING:
+    from tensorflow.core.framework import kernel_def_pb2
 
 # Kernel device types that serve a CPU node: TensorFlow falls back to DEVICE_DEFAULT
 # registrations when no CPU kernel matches.
@@ -110,8 +108,8 @@ def detect_cpu_features(cpuinfo_path: str = "/proc/cpuinfo") -> CpuFeatures:
     try:
         import cpuinfo  # py-cpuinfo, optional
     except ImportError:
-        _LOG.warning("%s and py-cpuinfo is not installed; assuming the CPU has no "
-                     "avx512_bf16/amx_bf16 (pass a target or install py-cpuinfo)", reason)
+        logging.warning("%s and py-cpuinfo is not installed; assuming the CPU has no "
+                        "avx512_bf16/amx_bf16 (pass a target or install py-cpuinfo)", reason)
         return CpuFeatures(model_name=platform.processor() or "unknown CPU")
     info = cpuinfo.get_cpu_info()
     return CpuFeatures.from_flags(info.get("flags", ()), info.get("brand_raw", "") or platform.processor())
@@ -157,6 +155,8 @@ class KernelRegistry:
     def cpu_kernels(self, op: str) -> Tuple[kernel_def_pb2.KernelDef, ...]:
         """The unlabelled CPU/DEFAULT KernelDefs registered for ``op`` (empty if unknown)."""
         if op not in self._kernels:
+            from tensorflow.python.framework import kernels
+
             found = kernels.get_registered_kernels_for_op(op).kernel
             self._kernels[op] = tuple(
                 k for k in found if k.device_type in CPU_DEVICE_TYPES and not k.label)
@@ -168,6 +168,8 @@ class KernelRegistry:
 
     def type_attrs(self, op: str) -> Dict[str, Optional[FrozenSet[int]]]:
         """The OpDef's type / list(type) attrs and their allowed dtypes (None = any dtype)."""
+        from tensorflow.python.framework import op_def_registry
+
         op_def = op_def_registry.get(op)
         if op_def is None:
             return {}
@@ -176,19 +178,22 @@ class KernelRegistry:
 
     def float_attrs(self, op: str) -> FrozenSet[str]:
         """Type attrs that can hold float32, i.e. the attrs a converter could retype to BF16."""
+        from tensorflow.core.framework import types_pb2
+
         return frozenset(name for name, allowed in self.type_attrs(op).items()
-                         if allowed is None or FLOAT in allowed)
+                         if allowed is None or types_pb2.DT_FLOAT in allowed)
 
     def bf16_attrs(self, op: str) -> FrozenSet[str]:
         """Type attrs of ``op`` that at least one CPU kernel (and the OpDef) accepts as bfloat16."""
         if op not in self._bf16:
-            opdef_ok = {name for name, allowed in self.type_attrs(op).items()
-                        if allowed is None or BFLOAT16 in allowed}
+            from tensorflow.core.framework import types_pb2
+
+            bf16 = types_pb2.DT_BFLOAT16
+            opdef_ok = {name for name, allowed in self.type_attrs(op).items() if allowed is None or bf16 in allowed}
             found = set()
             for kernel in self.cpu_kernels(op):
                 constraints = _constraints(kernel)
-                found.update(name for name in opdef_ok
-                             if name not in constraints or BFLOAT16 in constraints[name])
+                found.update(name for name in opdef_ok if name not in constraints or bf16 in constraints[name])
             self._bf16[op] = frozenset(found)
         return self._bf16[op]
 

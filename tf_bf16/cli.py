@@ -1,8 +1,9 @@
 """The ``tf-bf16`` command line: ``tf-bf16 SUBCOMMAND --flag=value ...`` with absl flags.
 
 Each subcommand is a ``Command`` (its flags plus a main function) in ``COMMANDS``; to add one
-(``convert``, ``quantize``, ``bench``), write its ``define_flags`` and ``main`` and list it
-in ``_BUILTIN_COMMANDS``. Errors become one ``tf-bf16: error: ...`` line on stderr and exit
+(``quantize``, ``bench``), write its ``define_flags`` and ``main`` and list it in
+``_BUILTIN_COMMANDS``. ``inspect`` summarizes a model, ``convert`` runs the whole pipeline,
+``transform`` runs any list of registered passes. Errors become one ``tf-bf16: error: ...`` line on stderr and exit
 status 2 (usage) or 1 (anything else); ``--verbose`` adds the traceback and debug logging.
 """
 
@@ -54,14 +55,41 @@ def define_model_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
 
 
-def load_model_from_flags(fv: flags.FlagValues):
-    """A ``tf_bf16.Model`` from the shared model flags; ``--input_model`` is required."""
+def load_model_from_flags(fv: flags.FlagValues, conf=None):
+    """A ``tf_bf16.Model`` from the shared model flags; ``--input_model`` is required.
+
+    ``--inputs``/``--outputs`` beat the config's ``model.inputs``/``model.outputs`` (``conf``,
+    a loaded ``tf_bf16.config.Config``), which beat detection from the model.
+    """
     if not fv.input_model:
         raise UsageError("--input_model is required")
     from tf_bf16.model import Model
 
-    return Model(fv.input_model, inputs=fv.inputs or None, outputs=fv.outputs or None,
-                 signature=fv.signature)
+    inputs = fv.inputs or (conf.model.inputs if conf is not None else None) or None
+    outputs = fv.outputs or (conf.model.outputs if conf is not None else None) or None
+    return Model(fv.input_model, inputs=inputs, outputs=outputs, signature=fv.signature)
+
+
+def _define_output_flags(fv: flags.FlagValues) -> None:
+    """Flags of the subcommands that write a model: output path, config, report."""
+    flags.DEFINE_string("output_model", None, "Output: a directory (SavedModel) or a .pb/.pbtxt file.",
+                        flag_values=fv)
+    flags.DEFINE_string("config", None, "YAML config in Neural Compressor's layout.", flag_values=fv)
+    flags.DEFINE_string("report", None, "Write the conversion report as JSON to this path.", flag_values=fv)
+
+
+def _save_and_report(fv: flags.FlagValues, optimized) -> None:
+    """Save ``optimized`` to ``--output_model``, write ``--report``, print the report table."""
+    from tf_bf16.model_io import write_text_atomically
+    from tf_bf16.report import format_report
+
+    optimized.save(fv.output_model)
+    if fv.report:
+        write_text_atomically(fv.report, json.dumps(optimized.report, indent=2, default=str))
+    print(format_report(optimized.report))
+    for warning in optimized.report.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {fv.output_model}")
 
 
 def _define_inspect_flags(fv: flags.FlagValues) -> None:
@@ -88,12 +116,9 @@ INSPECT = Command("inspect", "op/dtype histogram, inputs and outputs, what could
 
 def _define_convert_flags(fv: flags.FlagValues) -> None:
     define_model_flags(fv)
-    flags.DEFINE_string("output_model", None, "Output: a directory (SavedModel) or a .pb/.pbtxt file.",
-                        flag_values=fv)
+    _define_output_flags(fv)
     flags.DEFINE_list("precisions", ["bf16"], "Allowed precisions: bf16 (with fp32 fallback) or fp32.",
                       flag_values=fv)
-    flags.DEFINE_string("config", None, "YAML config in Neural Compressor's layout.", flag_values=fv)
-    flags.DEFINE_string("report", None, "Write the conversion report as JSON to this path.", flag_values=fv)
     flags.DEFINE_string("target", None, "Deployment CPU when it is not this one: spr, cpx or avx512_bf16.",
                         flag_values=fv)
 
@@ -102,28 +127,55 @@ def _convert_main(fv: flags.FlagValues) -> int:
     """Convert --input_model to BF16+FP32, save it, print the report table."""
     if not fv.output_model:
         raise UsageError("--output_model is required")
-    model = load_model_from_flags(fv)
     from tf_bf16.mixed_precision import MixedPrecision
-    from tf_bf16.model_io import write_text_atomically
-    from tf_bf16.report import format_report
 
     converter = MixedPrecision(fv.config, target=fv.target)
     converter.precisions = fv.precisions
-    converter.model = model
-    optimized = converter()
-    optimized.save(fv.output_model)
-    if fv.report:
-        write_text_atomically(fv.report, json.dumps(optimized.report, indent=2, default=str))
-    print(format_report(optimized.report))
-    for warning in optimized.report.get("warnings", []):
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {fv.output_model}")
+    converter.model = load_model_from_flags(fv, converter.conf)
+    _save_and_report(fv, converter())
     return EXIT_OK
 
 
 CONVERT = Command("convert", "convert a model to mixed BF16/FP32 and save it", _define_convert_flags, _convert_main)
 
-_BUILTIN_COMMANDS = (INSPECT, CONVERT)
+# --------------------------------------------------------------------------------------
+# transform
+# --------------------------------------------------------------------------------------
+
+def _define_transform_flags(fv: flags.FlagValues) -> None:
+    define_model_flags(fv)
+    _define_output_flags(fv)
+    flags.DEFINE_list("transforms", None, "Registered passes to run, in order (e.g. strip_unused,remove_identity,"
+                      "bf16_convert,fold_casts); an unknown name lists the known ones.", flag_values=fv)
+
+
+def _transform_main(fv: flags.FlagValues) -> int:
+    """Run the named passes on --input_model (like graph_transforms' transform_graph) and save it."""
+    if not fv.output_model:
+        raise UsageError("--output_model is required")
+    if not fv.transforms:
+        raise UsageError("--transforms is required: a comma-separated list of pass names")
+    from tf_bf16 import pipeline, report as report_lib
+    from tf_bf16.mixed_precision import MixedPrecision
+    from tf_bf16.transforms import driver
+
+    driver.check_names(fv.transforms)
+    converter = MixedPrecision(fv.config)
+    model = load_model_from_flags(fv, converter.conf)
+    context = pipeline.new_context(converter.plan_for(model))
+    graph_def = pipeline.run(model.graph_def, context, tuple(fv.transforms))
+    extra = {"transforms": list(fv.transforms), "consts_converted": context.consts_converted}
+    if context.functions:
+        extra["functions"] = {name: dataclasses.asdict(r) for name, r in context.functions.items()}
+    report = report_lib.build_report(model.graph_def, graph_def, context.fp32_reasons(), extra)
+    _save_and_report(fv, model.with_graph_def(graph_def, report))
+    return EXIT_OK
+
+
+TRANSFORM = Command("transform", "run a list of registered passes by name and save the result",
+                    _define_transform_flags, _transform_main)
+
+_BUILTIN_COMMANDS = (INSPECT, CONVERT, TRANSFORM)
 COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in _BUILTIN_COMMANDS})
 
 

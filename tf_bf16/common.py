@@ -11,13 +11,14 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, T
 
 import numpy as np
 
+from tf_bf16.errors import InputError
 from tf_bf16.metrics import (F1, MAE, METRICS, MSE, RMSE, Accuracy, Metric, TopK,  # noqa: F401 (re-exports)
                              create_metric, is_metric)
 
 __all__ = ["DataLoader", "Metric", "TopK", "Accuracy", "MSE", "RMSE", "MAE", "F1", "METRICS", "create_metric",
            "is_metric", "default_collate", "is_map_dataset", "batches", "model_feeds"]
 
-LAST_BATCH = ("rollover", "discard")
+LAST_BATCH = ("rollover", "discard")  # what DataLoader does with a short final batch (also the config's choices)
 
 Batch = Tuple[Any, Any]
 
@@ -38,13 +39,13 @@ def default_collate(samples: Sequence[Any]) -> Any:
     first = samples[0]
     if first is None:
         if any(s is not None for s in samples):
-            raise ValueError("some samples have a label and some have None")
+            raise InputError("some samples have a label and some have None")
         return None
     if isinstance(first, Mapping):
         return {k: default_collate([s[k] for s in samples]) for k in first}
     if isinstance(first, (list, tuple)):
         if any(len(s) != len(first) for s in samples):
-            raise ValueError("samples have different numbers of inputs")
+            raise InputError("samples have different numbers of inputs")
         return type(first)(default_collate([s[i] for s in samples]) for i in range(len(first)))
     return np.stack([np.asarray(s) for s in samples])
 
@@ -67,13 +68,13 @@ class DataLoader:
                  last_batch: str = "rollover", shuffle: bool = False, seed: Optional[int] = None,
                  **unused: Any):
         if dataset is None:
-            raise ValueError("DataLoader: dataset is None")
+            raise InputError("DataLoader: dataset is None")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"DataLoader: batch_size must be an integer >= 1, got {batch_size!r}")
+            raise InputError(f"DataLoader: batch_size must be an integer >= 1, got {batch_size!r}")
         if last_batch not in LAST_BATCH:
-            raise ValueError(f"DataLoader: last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}")
+            raise InputError(f"DataLoader: last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}")
         if unused.get("distributed"):
-            raise ValueError("DataLoader: distributed evaluation is not supported")
+            raise InputError("DataLoader: distributed evaluation is not supported")
         self.dataset = dataset
         self.batch_size = batch_size
         self.collate_fn = collate_fn or default_collate
@@ -118,7 +119,7 @@ class DataLoader:
 def _split_sample(sample: Any, index: int) -> Batch:
     if isinstance(sample, (tuple, list)) and len(sample) == 2:
         return sample[0], sample[1]
-    raise TypeError(f"dataset[{index}] must be an (input, label) pair, got {type(sample).__name__}"
+    raise InputError(f"dataset[{index}] must be an (input, label) pair, got {type(sample).__name__}"
                     f"{' of length ' + str(len(sample)) if isinstance(sample, (tuple, list)) else ''}; "
                     f"use label None for unlabeled data")
 
@@ -130,7 +131,7 @@ def _split_batch(item: Any) -> Batch:
         return item[0], None
     if isinstance(item, np.ndarray) or isinstance(item, Mapping):
         return item, None
-    raise TypeError(f"a batch must be an (inputs, labels) pair, got {type(item).__name__}"
+    raise InputError(f"a batch must be an (inputs, labels) pair, got {type(item).__name__}"
                     f"{' of length ' + str(len(item)) if isinstance(item, (tuple, list)) else ''}")
 
 
@@ -165,13 +166,13 @@ def model_feeds(inputs: Any, input_names: Sequence[str]) -> dict:
         by_node = {str(k).split(":")[0]: v for k, v in inputs.items()}
         missing = [n for n in names if n not in by_node]
         if missing:
-            raise KeyError(f"batch inputs {sorted(by_node)} miss model input(s) {missing}")
+            raise InputError(f"batch inputs {sorted(by_node)} miss model input(s) {missing}")
         return {n: np.asarray(by_node[n]) for n in names}
     if isinstance(inputs, (list, tuple)):
         if len(inputs) != len(names):
-            raise ValueError(f"a batch has {len(inputs)} inputs but the model takes {len(names)}: {names}")
+            raise InputError(f"a batch has {len(inputs)} inputs but the model takes {len(names)}: {names}")
         return {n: np.asarray(v) for n, v in zip(names, inputs)}
     if len(names) != 1:
-        raise ValueError(f"a batch has one input array but the model takes {len(names)}: {names}; "
+        raise InputError(f"a batch has one input array but the model takes {len(names)}: {names}; "
                          f"yield a tuple in input order or a dict keyed by input name")
     return {names[0]: np.asarray(inputs)}

@@ -1,41 +1,44 @@
-"""The tf_bf16 config: Intel Neural Compressor 1.x YAML layout, validated into frozen dataclasses.
+"""The tf_bf16 config: Intel Neural Compressor 1.x YAML layout, validated by pydantic into frozen dataclasses.
 
 ``load_config`` takes a YAML path (read with ``tf.io.gfile``), a mapping, a ``Config`` or
 None (all defaults) and returns a ``Config`` tree with every default filled in. Unknown keys
-and bad values raise ``ConfigError`` naming the full dotted key (``tuning.exit_policy.timeout``)
-and what is allowed, so a typo never silently falls back to a default.
+and bad values raise ``ConfigError`` naming the full dotted key (``tuning.exit_policy.timeout``),
+the value and what is allowed, so a typo never silently falls back to a default.
 
-Conventions: a YAML ``null`` means "not given" (the default applies) except where null is
-itself a documented value (``mixed_precision.target``, ``tuning.workspace.resume``,
-``npz.labels``); YAML booleans are never accepted as numbers; string choices are matched
-case-insensitively and stored lower-case (metric names keep their canonical spelling).
+Each section is a frozen pydantic dataclass whose fields carry the types and the defaults
+(written once, on the field). A mapping is read in the YAML layout (a section's
+``_from_yaml`` reshapes it where that layout differs from the fields); constructor arguments
+are the fields themselves. Conventions: a YAML ``null`` means "not given" (the default
+applies) except where null is itself a documented value (``mixed_precision.target``,
+``tuning.workspace.resume``, ``npz.labels``); YAML booleans are never accepted as numbers;
+string choices are matched case-insensitively and stored lower-case (metric names keep their
+canonical spelling); a single value may stand for a one-item list.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import types
-from typing import (Any, Callable, ClassVar, Dict, FrozenSet, Iterable, Iterator, List, Mapping,
+from typing import (Annotated, Any, Callable, ClassVar, Dict, Iterable, Iterator, Literal, Mapping,
                     Optional, Sequence, Set, Tuple, Union)
 
 import yaml
+from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, TypeAdapter,
+                      ValidationError, WrapValidator, model_validator)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs, PydanticCustomError
 
+from tf_bf16.capability import TARGETS
+from tf_bf16.common import LAST_BATCH
 from tf_bf16.errors import ConfigError
+from tf_bf16.metrics import METRICS
+from tf_bf16.transforms.plan import BF16, FP32, PRECISIONS
 
-FP32 = "fp32"
-BF16 = "bf16"
-
-PRECISIONS: Tuple[str, ...] = (BF16, FP32)  # canonical order of normalised precision tuples
-FRAMEWORKS: Tuple[str, ...] = ("tensorflow", "tensorflow_itex", "keras")
 DEVICES: Tuple[str, ...] = ("cpu",)
-TARGETS: Tuple[str, ...] = ("spr", "cpx", "avx512_bf16")
 STRATEGIES: Tuple[str, ...] = ("sensitivity", "basic")  # "basic" is INC's name for the same tuner
 _STRATEGY_ALIASES: Mapping[str, str] = types.MappingProxyType({"basic": "sensitivity"})
-OBJECTIVES: Tuple[str, ...] = ("performance",)
 APPROACHES: Tuple[str, ...] = ("post_training_static_quant",)
-LAST_BATCH: Tuple[str, ...] = ("rollover", "discard")
 DUMMY_DTYPES: Tuple[str, ...] = ("float32", "float64", "float16", "bfloat16", "int8", "uint8",
                                  "int16", "int32", "int64", "bool")
 TFRECORD_DTYPES: Tuple[str, ...] = ("float32", "int64", "string")
@@ -45,19 +48,10 @@ QUANT_TENSOR_CHOICES: Mapping[str, Tuple[str, ...]] = types.MappingProxyType({
     "granularity": ("per_channel", "per_tensor"),
     "algorithm": ("minmax", "kl"),
 })
-# Metric name -> its default higher_is_better; keys are the canonical (INC) spellings.
-METRICS: Mapping[str, bool] = types.MappingProxyType({"topk": True, "Accuracy": True, "F1": True,
-                                                     "MSE": False, "RMSE": False, "MAE": False})
-
-DEFAULT_WORKSPACE = "./tf_bf16_workspace"
 DEFAULT_RANDOM_SEED = 1978
 
-Path = Tuple[str, ...]
+Path = Tuple[Union[str, int], ...]
 
-
-# --------------------------------------------------------------------------------------
-# A read-only mapping
-# --------------------------------------------------------------------------------------
 
 class FrozenDict(Mapping[str, Any]):
     """A read-only, hashable dict, so Config values stay immutable yet pickle and deepcopy."""
@@ -90,8 +84,235 @@ class FrozenDict(Mapping[str, Any]):
 
 
 # --------------------------------------------------------------------------------------
-# The Config tree
+# Errors: raised inside validation as PydanticCustomError, turned into one ConfigError
 # --------------------------------------------------------------------------------------
+
+def _error(message: str, *path: Union[str, int]) -> PydanticCustomError:
+    """A bad value at ``path`` below the section being validated."""
+    return PydanticCustomError("config_value", "{message}", {"message": message, "path": path})
+
+
+def _relocate(exc: ValidationError, prefix: Path = (), drop: int = 0) -> PydanticCustomError:
+    """The first error of ``exc`` as one of ours, at ``prefix`` + its location (less ``drop`` leading parts)."""
+    err = exc.errors()[0]
+    ctx = err.get("ctx") or {}
+    path = tuple(prefix) + tuple(err["loc"])[drop:] + tuple(ctx.get("path", ()))
+    if err["type"] in ("config_value", "config_key"):
+        return PydanticCustomError(err["type"], "{message}", {**ctx, "path": path})
+    message = "is required" if err["type"] == "missing" else f"{err['msg']}; {_got(err['input'])}"
+    return _error(message, *path)
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """The ConfigError for the first error of a failed validation."""
+    error = _relocate(exc)
+    ctx = error.context or {}
+    if error.type == "config_key":
+        return ConfigError(f"unknown config key '{_dotted(ctx['path'])}'; {ctx['message']}")
+    return _fail(ctx["path"], ctx["message"])
+
+
+def _dotted(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fail(path: Path, message: str) -> ConfigError:
+    return ConfigError(f"config key '{_dotted(path)}': {message}")
+
+
+def _got(value: Any) -> str:
+    """``value`` for an error message: a short repr plus its type, and a hint for YAML's 1e-2 gotcha."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    text = f"got {shown} ({type(value).__name__})"
+    if isinstance(value, str):
+        try:
+            float(value)
+            text += "; a quoted number, or YAML 1.1 exponent syntax like 1e-2 (write 1.0e-2), is a string"
+        except ValueError:
+            pass
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# Value types: pydantic types whose errors say what is expected
+# --------------------------------------------------------------------------------------
+
+def _expect(what: str) -> WrapValidator:
+    """Replace pydantic's error for a scalar with "expected <what>; got <value> (<type>)"."""
+    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise _error(f"expected {what}; {_got(value)}") from None
+    return WrapValidator(check)
+
+
+def _integer(ge: int, le: Optional[int] = None, or_: Optional[int] = None) -> Any:
+    """A strict int in [ge, le], or the single extra value ``or_``."""
+    what = f"an integer >= {ge}" + (f" and <= {le}" if le is not None else "") + \
+        (f" or {or_}" if or_ is not None else "")
+    base = Annotated[int, Strict(), Field(ge=ge, le=le)]
+    return Annotated[base if or_ is None else Union[Literal[or_], base], _expect(what)]
+
+
+def _number(ge: Optional[float] = None, lt: Optional[float] = None) -> Any:
+    """A finite int or float in [ge, lt), stored as float."""
+    bounds = [f">= {ge}"] if ge is not None else []
+    bounds += [f"< {lt}"] if lt is not None else []
+    what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    return Annotated[float, Strict(), Field(ge=ge, lt=lt, allow_inf_nan=False), _expect(what)]
+
+
+def _choice(choices: Sequence[str]) -> Any:
+    """One of ``choices``, matched case-insensitively and stored lower-case."""
+    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value.strip().lower() if isinstance(value, str) else value)
+        except ValidationError:
+            shown = repr(value) if isinstance(value, str) else _got(value)
+            raise _error(f"{shown} is not allowed; allowed values: {', '.join(choices)}") from None
+    return Annotated[Literal[tuple(choices)], WrapValidator(check)]
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _one_or_many(item: Any, many: Callable[[Any], bool] = _is_list, what: Optional[str] = None) -> Any:
+    """A tuple of ``item``s from a non-empty list, or from one value (errors then name the key, not ``[0]``).
+
+    ``what`` describes both forms, for a single value that is wrong as a whole.
+    """
+    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
+        if many(value):
+            if not value:
+                raise _error("expected at least one value, got an empty list")
+            return handler(value)
+        try:
+            return handler([value])
+        except ValidationError as e:
+            error = _relocate(e, drop=1)
+            if what is not None and not (error.context or {})["path"]:
+                raise _error(f"expected {what}; {_got(value)}") from None
+            raise error from None
+    return Annotated[Tuple[item, ...], WrapValidator(check)]
+
+
+def _list_of(item: Any, what: str, min_length: int = 0) -> Any:
+    """A tuple of ``item``s given as a YAML list of at least ``min_length``."""
+    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
+        if not _is_list(value) or len(value) < min_length:
+            raise _error(f"expected {what}; {_got(value)}")
+        return handler(value)
+    return Annotated[Tuple[item, ...], WrapValidator(check)]
+
+
+def _choices(choices: Sequence[str]) -> Any:
+    """One or more of ``choices``, deduplicated, in the order given."""
+    return Annotated[_one_or_many(_choice(choices)), AfterValidator(lambda t: tuple(dict.fromkeys(t)))]
+
+
+def _named(value: Any, what: str, freeze: Callable[[Any], Any] = FrozenDict) -> Any:
+    """A read-only mapping keyed by user-chosen names (node names, op types, features); null is empty."""
+    def check(raw: Any) -> Any:
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            raise _error(f"expected a mapping of {what} to settings; {_got(raw)}")
+        for key in raw:
+            if not isinstance(key, str) or not key.strip():
+                raise _error(f"expected {what} (non-empty strings) as keys, got key {key!r}")
+        return raw
+    return Annotated[Mapping[str, value], BeforeValidator(check), AfterValidator(freeze)]
+
+
+def _split_names(value: Any) -> Any:
+    """"a, b" -> ["a", "b"]; lists pass through for item checks."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if not _is_list(value):
+        raise _error(f"expected a string or a list of strings; {_got(value)}")
+    return value
+
+
+def _canonical_precisions(given: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Precisions in PRECISIONS order; fp32 is always added (it is the fallback)."""
+    return tuple(p for p in PRECISIONS if p in set(given) | {FP32})
+
+
+def _freeze(value: Any) -> Any:
+    """Deep read-only copy of free-form YAML data (lists -> tuples, dicts -> FrozenDict)."""
+    if isinstance(value, Mapping):
+        return FrozenDict((k, _freeze(v)) for k, v in value.items())
+    if _is_list(value):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+Bool = Annotated[bool, Strict(), _expect("true or false")]
+Name = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1), _expect("a non-empty string")]
+Names = _one_or_many(Name, what="a non-empty string or a list of such strings")
+IoNames = Annotated[Tuple[Name, ...], BeforeValidator(_split_names)]
+PositiveInt = _integer(1)
+NonNegativeNumber = _number(ge=0)
+Precisions = Annotated[_choices(PRECISIONS), AfterValidator(_canonical_precisions)]
+DtypeList = _choices(PRECISIONS)
+Dims = _list_of(PositiveInt, "a list of integers >= 1")
+
+
+def _many_shapes(value: Any) -> bool:
+    """A list of shapes (one per input) rather than one shape."""
+    return _is_list(value) and all(_is_list(d) for d in value)
+
+
+Shapes = _one_or_many(_list_of(PositiveInt, "a non-empty list of integers >= 1", min_length=1), many=_many_shapes,
+                      what="a list of positive ints or a list of such lists (one per input)")
+
+_BOOL = TypeAdapter(Bool)
+_POSITIVE_INT = TypeAdapter(PositiveInt)
+_PRECISIONS = TypeAdapter(Precisions)
+_DTYPE_LIST = TypeAdapter(DtypeList)
+_SHAPES = TypeAdapter(Shapes)
+_LOSSES: Mapping[str, TypeAdapter] = types.MappingProxyType({
+    "relative": TypeAdapter(_number(ge=0, lt=1)), "absolute": TypeAdapter(NonNegativeNumber)})
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+_section = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+
+
+def _field_names(cls: type) -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _mapping(value: Any, allowed: Iterable[str], *path: Union[str, int]) -> Dict[str, Any]:
+    """``value`` as a dict whose keys are all in ``allowed`` (null means empty)."""
+    allowed = sorted(allowed)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _error(f"expected a mapping with keys {', '.join(allowed)}; {_got(value)}", *path)
+    for key in value:
+        if not isinstance(key, str) or key not in allowed:
+            raise PydanticCustomError("config_key", "{message}",
+                                      {"message": f"allowed keys: {', '.join(allowed)}", "path": path + (str(key),)})
+    return dict(value)
+
+
+def _at(adapter: TypeAdapter, value: Any, *path: Union[str, int]) -> Any:
+    """``value`` validated by ``adapter``, its errors reported at ``path`` (a YAML key that is not a field)."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        raise _relocate(e, path) from None
+
 
 def _plain(value: Any) -> Any:
     """``value`` as plain YAML-able data (dicts, lists, scalars), the inverse of parsing."""
@@ -105,56 +326,275 @@ def _plain(value: Any) -> Any:
 
 
 class _Section:
-    """Mixin for config dataclasses: ``to_dict`` emits the YAML layout the section was read from."""
+    """Base of config sections: reads a YAML mapping into fields, ``to_dict`` writes it back."""
+
+    _NULLABLE: ClassVar[Tuple[str, ...]] = ()  # keys whose null is a value rather than "use the default"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read(cls, data: Any) -> Any:
+        if isinstance(data, (ArgsKwargs, _Section)):  # constructor arguments or an instance: fields already
+            return data
+        return cls._from_yaml(data)
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        """The field values of YAML ``data``; sections whose YAML layout differs from their fields override this."""
+        return cls._fields(_mapping(data, _field_names(cls)))
+
+    @classmethod
+    def _fields(cls, raw: Dict[str, Any]) -> Dict[str, Any]:
+        """``raw`` less the nulls that mean "default"; ConfigError for a missing required key."""
+        out = {k: v for k, v in raw.items() if v is not None or k in cls._NULLABLE}
+        for name, info in cls.__pydantic_fields__.items():  # type: ignore[attr-defined]
+            if info.is_required() and out.get(name) is None:
+                raise _error("is required" + (f": {info.description}" if info.description else ""), name)
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dicts/lists that ``load_config`` turns back into an equal object."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
 
-@dataclasses.dataclass(frozen=True)
+_PER_INPUT: Tuple[str, ...] = ("low", "high", "dtype")
+
+
+def _per_input_error(key: str, count: int, given: int) -> PydanticCustomError:
+    return _error(f"expected one value or a list of {count} (one per shape), got {given} values", key)
+
+
+@_section
+class DummyDatasetConfig(_Section):
+    """Random data; per input: shape (first dim = number of samples, as in INC), range, dtype.
+
+    ``low``, ``high`` and ``dtype`` take one value for every input or a list of one per shape.
+    """
+
+    kind: ClassVar[str] = "dummy"
+    shape: Shapes = Field(description="a list of ints, or a list of such lists (one per input)")
+    low: _one_or_many(_number()) = (0.0,)
+    high: _one_or_many(_number()) = (1.0,)
+    dtype: _one_or_many(_choice(DUMMY_DTYPES)) = ("float32",)
+    label: Bool = False
+    label_shape: Dims = ()
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        raw = _mapping(data, _field_names(cls))
+        if raw.get("shape") is not None:
+            count = len(_at(_SHAPES, raw["shape"], "shape"))
+            for key in _PER_INPUT:
+                if _is_list(raw.get(key)) and len(raw[key]) != count:  # a YAML list has one value per shape
+                    raise _per_input_error(key, count, len(raw[key]))
+        return cls._fields(raw)
+
+    @model_validator(mode="after")
+    def _per_input(self) -> "DummyDatasetConfig":
+        count = len(self.shape)
+        for key in _PER_INPUT:
+            values = getattr(self, key)
+            if len(values) == 1:
+                object.__setattr__(self, key, values * count)
+            elif len(values) != count:
+                raise _per_input_error(key, count, len(values))
+        for i, (lo, hi) in enumerate(zip(self.low, self.high)):
+            if lo > hi:
+                raise _error(f"low ({lo}) exceeds high ({hi}) for input {i}", "low")
+        return self
+
+
+@_section
+class NpzDatasetConfig(_Section):
+    """Arrays from a ``.npz`` file: ``inputs`` keys feed the model, ``labels`` key (None = no labels)."""
+
+    kind: ClassVar[str] = "npz"
+    _NULLABLE: ClassVar[Tuple[str, ...]] = ("labels",)
+    path: Name = Field(description="the .npz file to read")
+    inputs: Names = ("x",)
+    labels: Optional[Name] = "y"
+
+
+@_section
+class TFRecordFeature(_Section):
+    """One fixed-length tf.train.Example feature; YAML must name its dtype."""
+
+    shape: Dims = ()
+    dtype: _choice(TFRECORD_DTYPES) = "float32"
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        raw = _mapping(data, _field_names(cls))
+        if raw.get("dtype") is None:
+            raise _error(f"is required; allowed values: {', '.join(TFRECORD_DTYPES)}", "dtype")
+        return cls._fields(raw)
+
+
+@_section
+class TFRecordDatasetConfig(_Section):
+    """tf.train.Example records: files (paths or globs), feature specs, model inputs and label.
+
+    ``inputs`` left empty means every feature but the label.
+    """
+
+    kind: ClassVar[str] = "tfrecord"
+    path: Names = Field(description="file paths or globs of TFRecord files")
+    features: _named(TFRecordFeature, "feature names") = Field(description="feature name -> {shape, dtype}")
+    inputs: Names = ()
+    label: Optional[Name] = None
+
+    @model_validator(mode="after")
+    def _names_are_features(self) -> "TFRecordDatasetConfig":
+        names = tuple(self.features)
+        if not names:
+            raise _error("expected at least one feature", "features")
+        checks = [(("label",), self.label)] if self.label is not None else []
+        for path, name in checks + [(("inputs", i), n) for i, n in enumerate(self.inputs)]:
+            if name not in names:
+                raise _error(f"{name!r} is not allowed; allowed values: {', '.join(names)}", *path)
+        if not self.inputs:
+            inputs = tuple(n for n in names if n != self.label)
+            if not inputs:
+                raise _error("no feature is left to feed the model (all features are the label)", "inputs")
+            object.__setattr__(self, "inputs", inputs)
+        return self
+
+
+DatasetConfig = Union[DummyDatasetConfig, NpzDatasetConfig, TFRecordDatasetConfig]
+_DATASETS: Mapping[str, TypeAdapter] = types.MappingProxyType({
+    cls.kind: TypeAdapter(cls) for cls in (DummyDatasetConfig, NpzDatasetConfig, TFRecordDatasetConfig)})
+
+
+@_section
+class DataLoaderConfig(_Section):
+    """A dataloader-spec; ``dataset`` None means the dataset is supplied in code (YAML: ``{dummy: {...}}``)."""
+
+    batch_size: PositiveInt = 1
+    last_batch: _choice(LAST_BATCH) = "rollover"
+    shuffle: Bool = False
+    dataset: Optional[DatasetConfig] = None
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        raw = _mapping(data, _field_names(cls))
+        if raw.get("dataset") is not None:
+            spec = _mapping(raw["dataset"], _DATASETS, "dataset")
+            given = [k for k in _DATASETS if k in spec]
+            if len(given) != 1:
+                raise _error(f"give exactly one dataset kind of {', '.join(_DATASETS)}, "
+                             f"got {', '.join(given) if given else 'none'}", "dataset")
+            kind = given[0]
+            raw["dataset"] = _at(_DATASETS[kind], {} if spec[kind] is None else spec[kind], "dataset", kind)
+        return cls._fields(raw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = super().to_dict()
+        out["dataset"] = None if self.dataset is None else {self.dataset.kind: self.dataset.to_dict()}
+        return out
+
+
+@_section
+class MetricConfig(_Section):
+    """One metric: canonical ``name`` (see metrics.METRICS), ``k`` for topk, ``higher_is_better``.
+
+    YAML: ``{topk: 1}``, ``{topk: {k: 1}}``, ``{MSE: {}}`` or a bare name, plus an optional
+    ``higher_is_better`` (default: the metric's own direction).
+    """
+
+    name: Literal[tuple(METRICS)]
+    k: Optional[PositiveInt] = None
+    higher_is_better: Optional[Bool] = None
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        allowed = ", ".join(sorted(METRICS, key=str.lower))
+        by_lower = {name.lower(): name for name in METRICS}
+        raw = {data: None} if isinstance(data, str) else data
+        if not isinstance(raw, Mapping):
+            raise _error(f"expected a metric such as {{topk: 1}} or {{MSE: {{}}}}; {_got(data)}; "
+                         f"allowed metrics: {allowed}")
+        keys = [key for key in raw if key != "higher_is_better"]
+        for key in keys:
+            if not isinstance(key, str) or key.lower() not in by_lower:
+                raise _error(f"unknown metric {key!r}; allowed metrics: {allowed} (plus the key higher_is_better)")
+        if len(keys) != 1:
+            raise _error(f"give exactly one metric of {allowed}, got {', '.join(keys) if keys else 'none'}")
+        key = keys[0]
+        name, params, k = by_lower[key.lower()], raw[key], None
+        if name == "topk":
+            if isinstance(params, Mapping):
+                k = _at(_POSITIVE_INT, _mapping(params, ("k",), key).get("k"), key, "k")
+            else:
+                k = _at(_POSITIVE_INT, params, key)
+        elif params is not None and params != {}:
+            raise _error(f"metric {name} takes no parameters: give {{}} or null; {_got(params)}", key)
+        return cls._fields({"name": name, "k": k, "higher_is_better": raw.get("higher_is_better")})
+
+    @model_validator(mode="after")
+    def _default_direction(self) -> "MetricConfig":
+        if self.higher_is_better is None:
+            object.__setattr__(self, "higher_is_better", METRICS[self.name].higher_is_better)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {self.name: self.k if self.name == "topk" else {}, "higher_is_better": self.higher_is_better}
+
+
+# --------------------------------------------------------------------------------------
+# Accepted for Neural Compressor compatibility, not read by tf_bf16
+# --------------------------------------------------------------------------------------
+# INC YAMLs carry these keys (model.framework, tuning.objective, tuning.workspace,
+# evaluation.performance, evaluation.accuracy.postprocess). They are validated, so a typo
+# still fails, and kept on the Config for round trips, but nothing in tf_bf16 acts on them.
+
+FRAMEWORKS: Tuple[str, ...] = ("tensorflow", "tensorflow_itex", "keras")
+OBJECTIVES: Tuple[str, ...] = ("performance",)
+DEFAULT_WORKSPACE = "./tf_bf16_workspace"
+
+Framework = _choice(FRAMEWORKS)
+Objective = _choice(OBJECTIVES)
+Postprocess = _named(Any, "postprocess steps", freeze=_freeze)
+
+
+@_section
+class PerformanceRunConfig(_Section):
+    """``evaluation.performance.configs`` (INC compatibility, not read): benchmark instances on cores."""
+
+    cores_per_instance: Optional[PositiveInt] = None
+    num_of_instance: PositiveInt = 1
+    inter_num_of_threads: Optional[PositiveInt] = None
+    intra_num_of_threads: Optional[PositiveInt] = None
+
+
+@_section
+class PerformanceConfig(_Section):
+    """``evaluation.performance`` (INC compatibility, not read); ``iteration`` -1 means the whole dataloader."""
+
+    iteration: _integer(1, or_=-1) = -1
+    warmup: _integer(0) = 5
+    configs: PerformanceRunConfig = dataclasses.field(default_factory=PerformanceRunConfig)
+    dataloader: Optional[DataLoaderConfig] = None
+
+
+@_section
+class WorkspaceConfig(_Section):
+    """``tuning.workspace`` (INC compatibility, not read): tuning history path and history to resume from."""
+
+    path: Name = DEFAULT_WORKSPACE
+    resume: Optional[Name] = None
+
+
+# --------------------------------------------------------------------------------------
+# The Config tree
+# --------------------------------------------------------------------------------------
+
+@_section
 class ModelConfig(_Section):
     """``model:`` graph identity; empty inputs/outputs mean "detect from the model"."""
 
-    name: Optional[str] = None
-    framework: str = "tensorflow"
-    inputs: Tuple[str, ...] = ()
-    outputs: Tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class DtypeOverride(_Section):
-    """One ``op_wise``/``op_type_wise`` entry: the dtypes its activation and weight may take."""
-
-    activation: Optional[Tuple[str, ...]] = None
-    weight: Optional[Tuple[str, ...]] = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {part: {"dtype": list(dtypes)} for part, dtypes in
-                (("activation", self.activation), ("weight", self.weight)) if dtypes is not None}
-
-    def forced_precision(self) -> Optional[str]:
-        """The one precision a given dtype list allows ("fp32" or "bf16"); None when both are allowed."""
-        only = _sole_dtypes((self.activation, self.weight))
-        return only.pop() if len(only) == 1 else None
-
-
-@dataclasses.dataclass(frozen=True)
-class MixedPrecisionConfig(_Section):
-    """``mixed_precision:`` allowed precisions (always incl. fp32 fallback), target CPU, overrides."""
-
-    precisions: Tuple[str, ...] = (BF16, FP32)
-    target: Optional[str] = None
-    op_wise: Mapping[str, DtypeOverride] = dataclasses.field(default_factory=FrozenDict)
-    op_type_wise: Mapping[str, DtypeOverride] = dataclasses.field(default_factory=FrozenDict)
-
-    def node_precisions(self) -> Dict[str, str]:
-        """Node name -> forced "fp32"/"bf16" from ``op_wise``; entries allowing both are omitted."""
-        return _forced(self.op_wise)
-
-    def op_type_precisions(self) -> Dict[str, str]:
-        """Op type -> forced "fp32"/"bf16" from ``op_type_wise``; entries allowing both are omitted."""
-        return _forced(self.op_type_wise)
+    name: Optional[Name] = None
+    framework: Framework = "tensorflow"
+    inputs: IoNames = ()
+    outputs: IoNames = ()
 
 
 # The error for an op-wise entry whose activation and weight each allow one, different, precision.
@@ -167,25 +607,87 @@ def _sole_dtypes(dtype_lists: Iterable[Optional[Sequence[str]]]) -> Set[str]:
     return {dtypes[0] for dtypes in dtype_lists if dtypes is not None and len(dtypes) == 1}
 
 
+@_section
+class DtypeOverride(_Section):
+    """One ``op_wise``/``op_type_wise`` entry: the dtypes its activation and weight may take.
+
+    YAML: ``{activation: {dtype: [bf16, fp32]}, weight: {dtype: fp32}}``.
+    """
+
+    activation: Optional[DtypeList] = None
+    weight: Optional[DtypeList] = None
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        raw = _mapping(data, _field_names(cls))
+        dtypes = {part: _mapping(raw.get(part), ("dtype",), part).get("dtype") for part in _field_names(cls)}
+        return cls._fields({part: None if value is None else _at(_DTYPE_LIST, value, part, "dtype")
+                            for part, value in dtypes.items()})
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> "DtypeOverride":
+        if len(_sole_dtypes((self.activation, self.weight))) > 1:
+            raise _error(_DTYPE_CONFLICT)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {part: {"dtype": list(dtypes)} for part, dtypes in
+                (("activation", self.activation), ("weight", self.weight)) if dtypes is not None}
+
+    def forced_precision(self) -> Optional[str]:
+        """The one precision a given dtype list allows ("fp32" or "bf16"); None when both are allowed."""
+        only = _sole_dtypes((self.activation, self.weight))
+        return only.pop() if len(only) == 1 else None
+
+
 def _forced(overrides: Mapping[str, DtypeOverride]) -> Dict[str, str]:
     forced = {name: o.forced_precision() for name, o in overrides.items()}
     return {name: p for name, p in forced.items() if p is not None}
 
 
-@dataclasses.dataclass(frozen=True)
+@_section
+class MixedPrecisionConfig(_Section):
+    """``mixed_precision:`` allowed precisions (always incl. fp32 fallback), target CPU, overrides."""
+
+    precisions: Precisions = (BF16, FP32)
+    target: Optional[_choice(tuple(TARGETS))] = None
+    op_wise: _named(DtypeOverride, "node names") = dataclasses.field(default_factory=FrozenDict)
+    op_type_wise: _named(DtypeOverride, "op types") = dataclasses.field(default_factory=FrozenDict)
+
+    @model_validator(mode="after")
+    def _overrides_within_precisions(self) -> "MixedPrecisionConfig":
+        for section in ("op_wise", "op_type_wise"):
+            for name, override in getattr(self, section).items():
+                for part in ("activation", "weight"):
+                    for dtype in getattr(override, part) or ():
+                        if dtype not in self.precisions:
+                            raise _error(f"{dtype!r} is not among mixed_precision.precisions "
+                                         f"({', '.join(self.precisions)})", section, name, part, "dtype")
+        return self
+
+    def node_precisions(self) -> Dict[str, str]:
+        """Node name -> forced "fp32"/"bf16" from ``op_wise``; entries allowing both are omitted."""
+        return _forced(self.op_wise)
+
+    def op_type_precisions(self) -> Dict[str, str]:
+        """Op type -> forced "fp32"/"bf16" from ``op_type_wise``; entries allowing both are omitted."""
+        return _forced(self.op_type_wise)
+
+
+@_section
 class TensorQuantConfig(_Section):
     """INT8 options for activations or weights (each a tuple of allowed values; None = any)."""
 
-    dtype: Optional[Tuple[str, ...]] = None
-    scheme: Optional[Tuple[str, ...]] = None
-    granularity: Optional[Tuple[str, ...]] = None
-    algorithm: Optional[Tuple[str, ...]] = None
+    dtype: Optional[_choices(QUANT_TENSOR_CHOICES["dtype"])] = None
+    scheme: Optional[_choices(QUANT_TENSOR_CHOICES["scheme"])] = None
+    granularity: Optional[_choices(QUANT_TENSOR_CHOICES["granularity"])] = None
+    algorithm: Optional[_choices(QUANT_TENSOR_CHOICES["algorithm"])] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
-@dataclasses.dataclass(frozen=True)
+@_section
 class QuantOverride(_Section):
     """``quantization.model_wise`` or one ``quantization.op_wise`` entry."""
 
@@ -196,132 +698,23 @@ class QuantOverride(_Section):
         return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
-@dataclasses.dataclass(frozen=True)
-class DummyDatasetConfig(_Section):
-    """Random data; per input: shape (first dim = number of samples, as in INC), range, dtype."""
-
-    kind: ClassVar[str] = "dummy"
-    shape: Tuple[Tuple[int, ...], ...]
-    low: Tuple[float, ...]
-    high: Tuple[float, ...]
-    dtype: Tuple[str, ...]
-    label: bool = False
-    label_shape: Tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class NpzDatasetConfig(_Section):
-    """Arrays from a ``.npz`` file: ``inputs`` keys feed the model, ``labels`` key (None = no labels)."""
-
-    kind: ClassVar[str] = "npz"
-    path: str
-    inputs: Tuple[str, ...] = ("x",)
-    labels: Optional[str] = "y"
-
-
-@dataclasses.dataclass(frozen=True)
-class TFRecordFeature(_Section):
-    """One fixed-length tf.train.Example feature."""
-
-    shape: Tuple[int, ...] = ()
-    dtype: str = "float32"
-
-
-@dataclasses.dataclass(frozen=True)
-class TFRecordDatasetConfig(_Section):
-    """tf.train.Example records: files (paths or globs), feature specs, model inputs and label."""
-
-    kind: ClassVar[str] = "tfrecord"
-    path: Tuple[str, ...]
-    features: Mapping[str, TFRecordFeature]
-    inputs: Tuple[str, ...]
-    label: Optional[str] = None
-
-
-DatasetConfig = Union[DummyDatasetConfig, NpzDatasetConfig, TFRecordDatasetConfig]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataLoaderConfig(_Section):
-    """A dataloader-spec; ``dataset`` None means the dataset is supplied in code."""
-
-    batch_size: int = 1
-    last_batch: str = "rollover"
-    shuffle: bool = False
-    dataset: Optional[DatasetConfig] = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = super().to_dict()
-        out["dataset"] = None if self.dataset is None else {self.dataset.kind: self.dataset.to_dict()}
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricConfig(_Section):
-    """One metric: canonical ``name`` (see METRICS), ``k`` for topk, resolved ``higher_is_better``."""
-
-    name: str
-    k: Optional[int] = None
-    higher_is_better: bool = True
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {self.name: self.k if self.name == "topk" else {}, "higher_is_better": self.higher_is_better}
-
-
-@dataclasses.dataclass(frozen=True)
-class AccuracyConfig(_Section):
-    """``evaluation.accuracy``; metric/dataloader None means they are supplied in code."""
-
-    metric: Optional[MetricConfig] = None
-    dataloader: Optional[DataLoaderConfig] = None
-    postprocess: Optional[Mapping[str, Any]] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class PerformanceRunConfig(_Section):
-    """``evaluation.performance.configs``: how benchmark instances are laid out on cores."""
-
-    cores_per_instance: Optional[int] = None
-    num_of_instance: int = 1
-    inter_num_of_threads: Optional[int] = None
-    intra_num_of_threads: Optional[int] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class PerformanceConfig(_Section):
-    """``evaluation.performance``; ``iteration`` -1 means the whole dataloader."""
-
-    iteration: int = -1
-    warmup: int = 5
-    configs: PerformanceRunConfig = dataclasses.field(default_factory=PerformanceRunConfig)
-    dataloader: Optional[DataLoaderConfig] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationConfig(_Section):
-    """``evaluation:``; a section left out is None."""
-
-    accuracy: Optional[AccuracyConfig] = None
-    performance: Optional[PerformanceConfig] = None
-
-
-@dataclasses.dataclass(frozen=True)
+@_section
 class CalibrationConfig(_Section):
     """``quantization.calibration``: candidate sample counts and the calibration data."""
 
-    sampling_size: Tuple[int, ...] = (100,)
+    sampling_size: _one_or_many(PositiveInt) = (100,)
     dataloader: Optional[DataLoaderConfig] = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_section
 class QuantizationConfig(_Section):
     """``quantization:``. Its ``fp32``/``bf16`` dtype overrides act on MixedPrecision now (as in
     Neural Compressor); INT8 dtypes, approach and calibration are for the INT8 stage."""
 
-    approach: str = "post_training_static_quant"
+    approach: _choice(APPROACHES) = "post_training_static_quant"
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     model_wise: QuantOverride = dataclasses.field(default_factory=QuantOverride)
-    op_wise: Mapping[str, QuantOverride] = dataclasses.field(default_factory=FrozenDict)
+    op_wise: _named(QuantOverride, "node names") = dataclasses.field(default_factory=FrozenDict)
 
     def node_precisions(self) -> Dict[str, str]:
         """Node name -> forced "fp32"/"bf16" from ``op_wise``; refuses INT8 dtypes (no INT8 stage yet)."""
@@ -352,65 +745,121 @@ def _forced_without_int8(override: QuantOverride, path: Path) -> Optional[str]:
     return only.pop() if only else None
 
 
-@dataclasses.dataclass(frozen=True)
+@_section
+class AccuracyConfig(_Section):
+    """``evaluation.accuracy``; metric/dataloader None means they are supplied in code."""
+
+    metric: Optional[MetricConfig] = None
+    dataloader: Optional[DataLoaderConfig] = None
+    postprocess: Optional[Postprocess] = None
+
+
+@_section
+class EvaluationConfig(_Section):
+    """``evaluation:``; a section left out is None."""
+
+    accuracy: Optional[AccuracyConfig] = None
+    performance: Optional[PerformanceConfig] = None
+
+
+@_section
 class StrategyConfig(_Section):
     """``tuning.strategy``; "basic" (INC's name) is stored as "sensitivity", the one tuner."""
 
-    name: str = "sensitivity"
+    name: Annotated[_choice(STRATEGIES), AfterValidator(lambda n: _STRATEGY_ALIASES.get(n, n))] = "sensitivity"
 
 
-@dataclasses.dataclass(frozen=True)
+@_section
 class AccuracyCriterion(_Section):
-    """``tuning.accuracy_criterion``: ``criterion`` is "relative" or "absolute", with its loss."""
+    """``tuning.accuracy_criterion``: ``criterion`` is "relative" or "absolute", with its loss.
 
-    criterion: str = "relative"
-    tolerable_loss: float = 0.01
-    higher_is_better: bool = True
+    YAML: ``{relative: 0.01}`` or ``{absolute: 0.5}`` (one of them), plus ``higher_is_better``.
+    """
+
+    criterion: Literal["relative", "absolute"] = "relative"
+    tolerable_loss: NonNegativeNumber = 0.01
+    higher_is_better: Bool = True
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        raw = _mapping(data, tuple(_LOSSES) + ("higher_is_better",))
+        given = [key for key in _LOSSES if raw.get(key) is not None]
+        if len(given) > 1:
+            raise _error("give exactly one of 'relative' or 'absolute', not both")
+        out = {"higher_is_better": raw.get("higher_is_better")}
+        if given:
+            out.update(criterion=given[0], tolerable_loss=_at(_LOSSES[given[0]], raw[given[0]], given[0]))
+        return cls._fields(out)
 
     def to_dict(self) -> Dict[str, Any]:
         return {self.criterion: self.tolerable_loss, "higher_is_better": self.higher_is_better}
 
 
-@dataclasses.dataclass(frozen=True)
+@_section
 class ExitPolicy(_Section):
-    """``tuning.exit_policy``: seconds for the whole search (0 = no limit: it ends when no node can go back), trial cap."""
+    """``tuning.exit_policy``: seconds for the whole search (0 = no limit: it ends when no node can go
+    back), trial cap."""
 
-    timeout: float = 0.0
-    max_trials: int = 100
-    performance_only: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkspaceConfig(_Section):
-    """``tuning.workspace``: where tuning history goes and which history to resume from."""
-
-    path: str = DEFAULT_WORKSPACE
-    resume: Optional[str] = None
+    timeout: NonNegativeNumber = 0.0
+    max_trials: PositiveInt = 100
+    performance_only: Bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@_section
 class TuningConfig(_Section):
     """``tuning:`` accuracy-aware fallback settings."""
 
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
     accuracy_criterion: AccuracyCriterion = dataclasses.field(default_factory=AccuracyCriterion)
-    objective: str = "performance"
+    objective: Objective = "performance"
     exit_policy: ExitPolicy = dataclasses.field(default_factory=ExitPolicy)
-    random_seed: int = DEFAULT_RANDOM_SEED
+    random_seed: _integer(0, 2**32 - 1) = DEFAULT_RANDOM_SEED
     workspace: WorkspaceConfig = dataclasses.field(default_factory=WorkspaceConfig)
 
 
-@dataclasses.dataclass(frozen=True)
+# Top-level INC 1.x keys that are not sections of their own: both set mixed_precision.precisions.
+_PRECISION_ALIASES: Tuple[str, ...] = ("use_bf16", "graph_optimization")
+
+
+def _top_level_precisions(raw: Mapping[str, Any], mixed: Mapping[str, Any]) -> Optional[Tuple[str, ...]]:
+    """The precisions ``mixed_precision``, ``graph_optimization`` and ``use_bf16`` agree on (None: default)."""
+    alias = _mapping(raw.get("graph_optimization"), ("precisions",), "graph_optimization").get("precisions")
+    given = {key: _at(_PRECISIONS, value, key, "precisions")
+             for key, value in (("mixed_precision", mixed.get("precisions")), ("graph_optimization", alias))
+             if value is not None}
+    if len(set(given.values())) > 1:
+        raise _error(f"{', '.join(given['graph_optimization'])} disagrees with 'mixed_precision.precisions' "
+                     f"({', '.join(given['mixed_precision'])}); give one of them (graph_optimization is the INC "
+                     f"1.x alias)", "graph_optimization", "precisions")
+    precisions = next(iter(given.values()), None)
+    if raw.get("use_bf16") is None:
+        return precisions
+    use_bf16 = _at(_BOOL, raw["use_bf16"], "use_bf16")
+    if precisions is not None and (BF16 in precisions) != use_bf16:
+        raise _error(f"{str(use_bf16).lower()} contradicts the precisions given ({', '.join(precisions)}); "
+                     f"drop use_bf16 or make them agree", "use_bf16")
+    return precisions if use_bf16 else (FP32,)
+
+
+@_section
 class Config(_Section):
     """A validated config with defaults filled in; ``quantization`` None means no INT8 stage."""
 
-    version: Optional[float] = None
+    version: Optional[_number(ge=0)] = None
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    device: str = "cpu"
+    device: _choice(DEVICES) = "cpu"
     mixed_precision: MixedPrecisionConfig = dataclasses.field(default_factory=MixedPrecisionConfig)
     quantization: Optional[QuantizationConfig] = None
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     tuning: TuningConfig = dataclasses.field(default_factory=TuningConfig)
+
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        raw = _mapping(data, _field_names(cls) + _PRECISION_ALIASES)
+        mixed = raw.get("mixed_precision")
+        if mixed is None or isinstance(mixed, Mapping):
+            raw["mixed_precision"] = dict(mixed or {}, precisions=_top_level_precisions(raw, mixed or {}))
+        return cls._fields({k: v for k, v in raw.items() if k not in _PRECISION_ALIASES})
 
     def node_precisions(self) -> Dict[str, str]:
         """Node name -> forced "fp32"/"bf16" from ``mixed_precision.op_wise`` and ``quantization.op_wise``.
@@ -447,68 +896,44 @@ class Config(_Section):
             del out["version"]
         return out
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
-        """A new validated Config with ``overrides`` (dotted keys or nested mappings) merged in.
-
-        Setting one key of an exactly-one-of group (``relative``/``absolute``, a dataset kind,
-        a metric name) drops its siblings, so e.g. ``{"tuning.accuracy_criterion.absolute": 0.1}``
-        replaces the relative criterion instead of conflicting with it.
-        """
-        merged = self.to_dict()
-        for key, value in overrides.items():
-            parts = str(key).split(".")
-            node = merged
-            for part in parts[:-1]:
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = node[part] = {}
-                node = child
-            _merge_into(node, parts[-1], value)
-        return load_config(merged)
-
-
-# Keys of which a mapping holds exactly one; setting one by override removes the others.
-_EXCLUSIVE_GROUPS: Tuple[FrozenSet[str], ...] = (
-    frozenset({"relative", "absolute"}),
-    frozenset({"dummy", "npz", "tfrecord"}),
-    frozenset(name.lower() for name in METRICS),
-)
-
-
-def _merge_into(node: Dict[str, Any], key: str, value: Any) -> None:
-    """Set ``node[key] = value``, merging mappings deeply and honouring exclusive groups."""
-    for group in _EXCLUSIVE_GROUPS:
-        if key.lower() in group:
-            for other in [k for k in node if isinstance(k, str) and k.lower() in group and k != key]:
-                del node[other]
-    current = node.get(key)
-    if isinstance(value, Mapping) and isinstance(current, dict):
-        for sub_key, sub_value in value.items():
-            _merge_into(current, sub_key, sub_value)
-    else:
-        node[key] = _plain(value)
-
 
 # --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
 
 ConfigSource = Union[None, str, "os.PathLike[str]", Mapping[str, Any], Config]
+_CONFIG = TypeAdapter(Config)
+_METRIC = TypeAdapter(MetricConfig)
+
+
+def _validate(raw: Mapping[str, Any]) -> Config:
+    try:
+        return _CONFIG.validate_python(raw)
+    except ValidationError as e:
+        raise _config_error(e) from None
+
+
+def parse_metric(value: Any, key: Path = ("evaluation", "accuracy", "metric")) -> "MetricConfig":
+    """A ``MetricConfig`` from a metric in YAML form (``"topk"``, ``{topk: 1}``, ``{MSE: {}}``), as
+    given in code; a bad one is a ConfigError naming ``key``."""
+    try:
+        return _METRIC.validate_python(value)
+    except ValidationError as e:
+        error = _relocate(e, key)
+        raise _fail(error.context["path"], error.context["message"]) from None
 
 
 def load_config(source: ConfigSource = None) -> Config:
     """A validated ``Config`` from a YAML path, a mapping, a Config (returned as is) or None (defaults)."""
     if isinstance(source, Config):
         return source
-    if source is None:
-        return _parse_config({})
-    if isinstance(source, Mapping):
-        return _parse_config(source)
+    if source is None or isinstance(source, Mapping):
+        return _validate(source or {})
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         raw = read_yaml(path)
         try:
-            return _parse_config(raw)
+            return _validate(raw)
         except ConfigError as e:
             raise ConfigError(f"{e} (in config file '{path}')") from e
     raise ConfigError(f"config source must be a YAML file path, a mapping, a Config or None, "
@@ -562,509 +987,3 @@ def read_yaml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file '{path}': the top level must be a mapping of config keys, "
                           f"got {type(data).__name__}")
     return dict(data)
-
-
-# --------------------------------------------------------------------------------------
-# Value checks (each takes the value and its dotted key path)
-# --------------------------------------------------------------------------------------
-
-def _dotted(path: Path) -> str:
-    out = ""
-    for part in path:
-        out += part if part.startswith("[") or not out else "." + part
-    return out
-
-
-def _fail(path: Path, message: str) -> ConfigError:
-    return ConfigError(f"config key '{_dotted(path)}': {message}")
-
-
-def _got(value: Any) -> str:
-    """``value`` for an error message: repr plus its type, and a hint for YAML's 1e-2 gotcha."""
-    text = f"got {value!r} ({type(value).__name__})"
-    if isinstance(value, str):
-        try:
-            float(value)
-            text += "; a quoted number, or YAML 1.1 exponent syntax like 1e-2 (write 1.0e-2), is a string"
-        except ValueError:
-            pass
-    return text
-
-
-def _section(value: Any, path: Path, allowed: Iterable[str]) -> Mapping[str, Any]:
-    """``value`` as a mapping whose keys are all in ``allowed`` (null means empty)."""
-    allowed = sorted(allowed)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(path, f"expected a mapping with keys {', '.join(allowed)}; {_got(value)}")
-    for key in value:
-        if not isinstance(key, str) or key not in allowed:
-            raise ConfigError(f"unknown config key '{_dotted(path + (str(key),))}'; "
-                              f"allowed keys: {', '.join(allowed)}")
-    return value
-
-
-def _named_entries(value: Any, path: Path, what: str) -> Mapping[str, Any]:
-    """A mapping keyed by user-chosen names (node names, op types, features)."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(path, f"expected a mapping of {what} to settings; {_got(value)}")
-    for key in value:
-        if not isinstance(key, str) or not key.strip():
-            raise _fail(path, f"expected {what} (non-empty strings) as keys, got key {key!r}")
-    return value
-
-
-def _bool(value: Any, path: Path) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(path, f"expected true or false; {_got(value)}")
-    return value
-
-
-def _int(value: Any, path: Path, minimum: Optional[int] = None, also: Sequence[int] = (),
-         maximum: Optional[int] = None) -> int:
-    if (not isinstance(value, int) or isinstance(value, bool)
-            or not ((minimum is None or value >= minimum) and (maximum is None or value <= maximum)
-                    or value in also)):
-        bounds = [f">= {minimum}"] if minimum is not None else []
-        bounds += [f"<= {maximum}"] if maximum is not None else []
-        expected = "an integer" + (" " + " and ".join(bounds) if bounds else "")
-        expected += "".join(f" or {a}" for a in also)
-        raise _fail(path, f"expected {expected}; {_got(value)}")
-    return value
-
-
-def _number(value: Any, path: Path, minimum: Optional[float] = None,
-            below: Optional[float] = None) -> float:
-    """A finite int/float in [minimum, below)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (minimum is None or value >= minimum) and (below is None or value < below)
-    if not ok:
-        bounds = [f">= {minimum}"] if minimum is not None else []
-        bounds += [f"< {below}"] if below is not None else []
-        expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-        raise _fail(path, f"expected {expected}; {_got(value)}")
-    return float(value)
-
-
-def _str(value: Any, path: Path) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(path, f"expected a non-empty string; {_got(value)}")
-    return value.strip()
-
-
-def _choice(value: Any, path: Path, choices: Sequence[str]) -> str:
-    if isinstance(value, str) and value.strip().lower() in choices:
-        return value.strip().lower()
-    shown = repr(value) if isinstance(value, str) else _got(value)
-    raise _fail(path, f"{shown} is not allowed; allowed values: {', '.join(choices)}")
-
-
-def _list(value: Any, path: Path) -> List[Any]:
-    """A scalar becomes a one-item list; a list must be non-empty."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise _fail(path, "expected at least one value, got an empty list")
-    return items
-
-
-def _choices(value: Any, path: Path, choices: Sequence[str]) -> Tuple[str, ...]:
-    """A string or list of strings from ``choices``, deduplicated, in the order given."""
-    if isinstance(value, (list, tuple)):
-        items = [_choice(v, path + (f"[{i}]",), choices) for i, v in enumerate(_list(value, path))]
-    else:
-        items = [_choice(value, path, choices)]
-    return tuple(dict.fromkeys(items))
-
-
-def _names(value: Any, path: Path, split_commas: bool = False) -> Tuple[str, ...]:
-    """Names from a string ("a, b" split when ``split_commas``) or a list of non-empty strings."""
-    if isinstance(value, str):
-        parts = value.split(",") if split_commas else [value]
-        names = [p.strip() for p in parts if p.strip()]
-        if not names and not split_commas:
-            raise _fail(path, f"expected a non-empty string; {_got(value)}")
-        return tuple(names)
-    if isinstance(value, (list, tuple)):
-        return tuple(_str(v, path + (f"[{i}]",)) for i, v in enumerate(value))
-    raise _fail(path, f"expected a string or a list of strings; {_got(value)}")
-
-
-def _get(raw: Mapping[str, Any], key: str, path: Path, check: Callable[[Any, Path], Any],
-         default: Any = None) -> Any:
-    """``check(raw[key])``, or ``default`` when the key is absent or null."""
-    value = raw.get(key)
-    return default if value is None else check(value, path + (key,))
-
-
-def _freeze(value: Any) -> Any:
-    """Deep read-only copy of free-form YAML data (lists -> tuples, dicts -> FrozenDict)."""
-    if isinstance(value, Mapping):
-        return FrozenDict((k, _freeze(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-# --------------------------------------------------------------------------------------
-# Section parsers
-# --------------------------------------------------------------------------------------
-
-_TOP_KEYS = ("version", "model", "device", "use_bf16", "mixed_precision", "graph_optimization",
-             "quantization", "evaluation", "tuning")
-
-
-def _parse_config(raw: Any) -> Config:
-    path: Path = ()
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ConfigError(f"config must be a mapping of config keys, {_got(raw)}")
-    raw = _section(raw, path, _TOP_KEYS)
-    quantization = raw.get("quantization")
-    return Config(
-        version=_get(raw, "version", path, lambda v, p: _number(v, p, minimum=0)),
-        model=_parse_model(raw.get("model"), ("model",)),
-        device=_get(raw, "device", path, lambda v, p: _choice(v, p, DEVICES), "cpu"),
-        mixed_precision=_parse_mixed_precision(raw),
-        quantization=None if quantization is None else _parse_quantization(quantization, ("quantization",)),
-        evaluation=_parse_evaluation(raw.get("evaluation"), ("evaluation",)),
-        tuning=_parse_tuning(raw.get("tuning"), ("tuning",)),
-    )
-
-
-def _parse_model(raw: Any, path: Path) -> ModelConfig:
-    raw = _section(raw, path, ("name", "framework", "inputs", "outputs"))
-    io_names = lambda v, p: _names(v, p, split_commas=True)  # noqa: E731
-    return ModelConfig(
-        name=_get(raw, "name", path, _str),
-        framework=_get(raw, "framework", path, lambda v, p: _choice(v, p, FRAMEWORKS), "tensorflow"),
-        inputs=_get(raw, "inputs", path, io_names, ()),
-        outputs=_get(raw, "outputs", path, io_names, ()),
-    )
-
-
-def _precisions(value: Any, path: Path) -> Tuple[str, ...]:
-    """Allowed precisions in canonical order; fp32 is always added (it is the fallback)."""
-    given = set(_choices(value, path, PRECISIONS)) | {FP32}
-    return tuple(p for p in PRECISIONS if p in given)
-
-
-def _parse_mixed_precision(top: Mapping[str, Any]) -> MixedPrecisionConfig:
-    path: Path = ("mixed_precision",)
-    raw = _section(top.get("mixed_precision"), path, ("precisions", "target", "op_wise", "op_type_wise"))
-    alias_path: Path = ("graph_optimization",)
-    alias = _section(top.get("graph_optimization"), alias_path, ("precisions",))
-
-    precisions = _get(raw, "precisions", path, _precisions)
-    alias_precisions = _get(alias, "precisions", alias_path, _precisions)
-    if precisions is not None and alias_precisions is not None and precisions != alias_precisions:
-        raise ConfigError(f"config keys 'mixed_precision.precisions' ({', '.join(precisions)}) and "
-                          f"'graph_optimization.precisions' ({', '.join(alias_precisions)}) disagree; "
-                          f"give one of them (graph_optimization is the INC 1.x alias)")
-    precisions = precisions or alias_precisions
-    use_bf16 = _get(top, "use_bf16", (), _bool)
-    if use_bf16 is not None and precisions is not None and (BF16 in precisions) != use_bf16:
-        raise ConfigError(f"config key 'use_bf16' ({str(use_bf16).lower()}) contradicts the precisions "
-                          f"given ({', '.join(precisions)}); drop use_bf16 or make them agree")
-    if precisions is None:
-        precisions = (FP32,) if use_bf16 is False else (BF16, FP32)
-
-    op_wise = _parse_dtype_overrides(raw.get("op_wise"), path + ("op_wise",), "node names", precisions)
-    op_type_wise = _parse_dtype_overrides(raw.get("op_type_wise"), path + ("op_type_wise",), "op types",
-                                          precisions)
-    return MixedPrecisionConfig(
-        precisions=precisions,
-        target=_get(raw, "target", path, lambda v, p: _choice(v, p, TARGETS)),
-        op_wise=op_wise,
-        op_type_wise=op_type_wise,
-    )
-
-
-def _parse_dtype_overrides(raw: Any, path: Path, what: str,
-                           precisions: Tuple[str, ...]) -> Mapping[str, DtypeOverride]:
-    entries = {}
-    for name, entry in _named_entries(raw, path, what).items():
-        entry_path = path + (name,)
-        entry = _section(entry, entry_path, ("activation", "weight"))
-        parts: Dict[str, Optional[Tuple[str, ...]]] = {}
-        for part in ("activation", "weight"):
-            part_path = entry_path + (part,)
-            spec = _section(entry.get(part), part_path, ("dtype",))
-            parts[part] = _get(spec, "dtype", part_path, lambda v, p: _choices(v, p, PRECISIONS))
-            for dtype in parts[part] or ():
-                if dtype not in precisions:
-                    raise _fail(part_path + ("dtype",), f"{dtype!r} is not among mixed_precision.precisions "
-                                                        f"({', '.join(precisions)})")
-        override = DtypeOverride(**parts)
-        if len(_sole_dtypes(parts.values())) > 1:
-            raise _fail(entry_path, _DTYPE_CONFLICT)
-        entries[name] = override
-    return FrozenDict(entries)
-
-
-def _parse_quantization(raw: Any, path: Path) -> QuantizationConfig:
-    raw = _section(raw, path, ("approach", "calibration", "model_wise", "op_wise"))
-    cal_path = path + ("calibration",)
-    cal = _section(raw.get("calibration"), cal_path, ("sampling_size", "dataloader"))
-    sizes = _get(cal, "sampling_size", cal_path, _positive_ints, (100,))
-    op_wise = {name: _parse_quant_override(entry, path + ("op_wise", name))
-               for name, entry in _named_entries(raw.get("op_wise"), path + ("op_wise",), "node names").items()}
-    return QuantizationConfig(
-        approach=_get(raw, "approach", path, lambda v, p: _choice(v, p, APPROACHES), APPROACHES[0]),
-        calibration=CalibrationConfig(
-            sampling_size=sizes,
-            dataloader=_get(cal, "dataloader", cal_path, _parse_dataloader)),
-        model_wise=_parse_quant_override(raw.get("model_wise"), path + ("model_wise",)),
-        op_wise=FrozenDict(op_wise),
-    )
-
-
-def _positive_ints(value: Any, path: Path) -> Tuple[int, ...]:
-    """An int >= 1 or a non-empty list of them."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_int(v, path + (f"[{i}]",), minimum=1) for i, v in enumerate(_list(value, path)))
-    return (_int(value, path, minimum=1),)
-
-
-def _parse_quant_override(raw: Any, path: Path) -> QuantOverride:
-    raw = _section(raw, path, ("activation", "weight"))
-    parts = {}
-    for part in ("activation", "weight"):
-        if raw.get(part) is None:
-            continue
-        part_path = path + (part,)
-        spec = _section(raw[part], part_path, QUANT_TENSOR_CHOICES)
-        parts[part] = TensorQuantConfig(**{
-            key: _get(spec, key, part_path, lambda v, p, c=choices: _choices(v, p, c))
-            for key, choices in QUANT_TENSOR_CHOICES.items()})
-    return QuantOverride(**parts)
-
-
-def _parse_dataloader(raw: Any, path: Path) -> DataLoaderConfig:
-    raw = _section(raw, path, ("batch_size", "last_batch", "shuffle", "dataset"))
-    return DataLoaderConfig(
-        batch_size=_get(raw, "batch_size", path, lambda v, p: _int(v, p, minimum=1), 1),
-        last_batch=_get(raw, "last_batch", path, lambda v, p: _choice(v, p, LAST_BATCH), "rollover"),
-        shuffle=_get(raw, "shuffle", path, _bool, False),
-        dataset=_get(raw, "dataset", path, _parse_dataset),
-    )
-
-
-def _parse_dataset(raw: Any, path: Path) -> DatasetConfig:
-    raw = _section(raw, path, _DATASET_KINDS)
-    given = [k for k in _DATASET_KINDS if k in raw]
-    if len(given) != 1:
-        raise _fail(path, f"give exactly one dataset kind of {', '.join(_DATASET_KINDS)}, "
-                          f"got {', '.join(given) if given else 'none'}")
-    kind = given[0]
-    return _DATASET_PARSERS[kind](raw[kind], path + (kind,))
-
-
-def _shapes(value: Any, path: Path) -> Tuple[Tuple[int, ...], ...]:
-    """A list of ints (one input) or a list of lists of ints (one per input)."""
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _fail(path, f"expected a list of positive ints or a list of such lists; {_got(value)}")
-    if all(isinstance(v, (list, tuple)) for v in value):
-        return tuple(_dims(v, path + (f"[{i}]",), minimum=1, allow_empty=False) for i, v in enumerate(value))
-    return (_dims(value, path, minimum=1, allow_empty=False),)
-
-
-def _dims(value: Any, path: Path, minimum: int, allow_empty: bool = True) -> Tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or (not value and not allow_empty):
-        raise _fail(path, f"expected a {'' if allow_empty else 'non-empty '}list of integers >= {minimum}; "
-                          f"{_got(value)}")
-    return tuple(_int(d, path + (f"[{i}]",), minimum=minimum) for i, d in enumerate(value))
-
-
-def _per_input(value: Any, path: Path, count: int, check: Callable[[Any, Path], Any]) -> Tuple[Any, ...]:
-    """One value per input: a scalar is repeated, a list must have ``count`` items."""
-    if not isinstance(value, (list, tuple)):
-        return (check(value, path),) * count
-    if len(value) != count:
-        raise _fail(path, f"expected one value or a list of {count} (one per shape), got {len(value)} values")
-    return tuple(check(v, path + (f"[{i}]",)) for i, v in enumerate(value))
-
-
-def _parse_dummy(raw: Any, path: Path) -> DummyDatasetConfig:
-    raw = _section(raw, path, ("shape", "low", "high", "dtype", "label", "label_shape"))
-    if raw.get("shape") is None:
-        raise _fail(path + ("shape",), "is required: a list of ints, or a list of such lists (one per input)")
-    shape = _shapes(raw["shape"], path + ("shape",))
-    n = len(shape)
-    low = _get(raw, "low", path, lambda v, p: _per_input(v, p, n, _number), (0.0,) * n)
-    high = _get(raw, "high", path, lambda v, p: _per_input(v, p, n, _number), (1.0,) * n)
-    for i, (lo, hi) in enumerate(zip(low, high)):
-        if lo > hi:
-            raise _fail(path + ("low",), f"low ({lo}) exceeds high ({hi}) for input {i}")
-    return DummyDatasetConfig(
-        shape=shape, low=low, high=high,
-        dtype=_get(raw, "dtype", path, lambda v, p: _per_input(v, p, n, lambda x, q: _choice(x, q, DUMMY_DTYPES)),
-                   ("float32",) * n),
-        label=_get(raw, "label", path, _bool, False),
-        label_shape=_get(raw, "label_shape", path, lambda v, p: _dims(v, p, minimum=1), ()),
-    )
-
-
-def _parse_npz(raw: Any, path: Path) -> NpzDatasetConfig:
-    raw = _section(raw, path, ("path", "inputs", "labels"))
-    if raw.get("path") is None:
-        raise _fail(path + ("path",), "is required: the .npz file to read")
-    return NpzDatasetConfig(
-        path=_str(raw["path"], path + ("path",)),
-        inputs=_get(raw, "inputs", path, _names, ("x",)),
-        labels=_str(raw["labels"], path + ("labels",)) if raw.get("labels") is not None
-        else (None if "labels" in raw else "y"),
-    )
-
-
-def _parse_tfrecord(raw: Any, path: Path) -> TFRecordDatasetConfig:
-    raw = _section(raw, path, ("path", "features", "inputs", "label"))
-    for key in ("path", "features"):
-        if raw.get(key) is None:
-            raise _fail(path + (key,), "is required")
-    files = _names(raw["path"], path + ("path",))
-    if not files:
-        raise _fail(path + ("path",), "expected at least one file path or glob, got an empty list")
-    feat_path = path + ("features",)
-    features = {}
-    for name, spec in _named_entries(raw["features"], feat_path, "feature names").items():
-        spec_path = feat_path + (name,)
-        spec = _section(spec, spec_path, ("shape", "dtype"))
-        if spec.get("dtype") is None:
-            raise _fail(spec_path + ("dtype",), f"is required; allowed values: {', '.join(TFRECORD_DTYPES)}")
-        features[name] = TFRecordFeature(
-            shape=_get(spec, "shape", spec_path, lambda v, p: _dims(v, p, minimum=1), ()),
-            dtype=_choice(spec["dtype"], spec_path + ("dtype",), TFRECORD_DTYPES))
-    if not features:
-        raise _fail(feat_path, "expected at least one feature")
-
-    def feature_name(value: Any, p: Path) -> str:
-        return _choice_exact(_str(value, p), p, tuple(features))
-
-    label = _get(raw, "label", path, feature_name)
-    inputs = _get(raw, "inputs", path,
-                  lambda v, p: tuple(feature_name(n, p + (f"[{i}]",) if isinstance(v, list) else p)
-                                     for i, n in enumerate(_list(v, p))),
-                  tuple(n for n in features if n != label))
-    if not inputs:
-        raise _fail(path + ("inputs",), "no feature is left to feed the model (all features are the label)")
-    return TFRecordDatasetConfig(path=files, features=FrozenDict(features), inputs=inputs, label=label)
-
-
-def _choice_exact(value: str, path: Path, choices: Sequence[str]) -> str:
-    """Case-sensitive membership (for user-defined names such as feature names)."""
-    if value not in choices:
-        raise _fail(path, f"{value!r} is not allowed; allowed values: {', '.join(choices)}")
-    return value
-
-
-_DATASET_PARSERS: Mapping[str, Callable[[Any, Path], DatasetConfig]] = types.MappingProxyType({
-    "dummy": _parse_dummy, "npz": _parse_npz, "tfrecord": _parse_tfrecord})
-_DATASET_KINDS: Tuple[str, ...] = tuple(_DATASET_PARSERS)
-
-
-def _parse_metric(raw: Any, path: Path) -> MetricConfig:
-    """One metric: a name string, or ``{Name: params}`` plus optional ``higher_is_better``."""
-    by_lower = {name.lower(): name for name in METRICS}
-    allowed = ", ".join(sorted(METRICS, key=str.lower))
-    if isinstance(raw, str):
-        raw = {raw: None}
-    if not isinstance(raw, Mapping):
-        raise _fail(path, f"expected a metric such as {{topk: 1}} or {{MSE: {{}}}}; {_got(raw)}; "
-                          f"allowed metrics: {allowed}")
-    names = []
-    for key in raw:
-        if key == "higher_is_better":
-            continue
-        if not isinstance(key, str) or key.lower() not in by_lower:
-            raise _fail(path, f"unknown metric {key!r}; allowed metrics: {allowed} "
-                              f"(plus the key higher_is_better)")
-        names.append(key)
-    if len(names) != 1:
-        raise _fail(path, f"give exactly one metric of {allowed}, got {', '.join(names) if names else 'none'}")
-    key = names[0]
-    name = by_lower[key.lower()]
-    value = raw[key]
-    k = None
-    if name == "topk":
-        if isinstance(value, Mapping):
-            value = _section(value, path + (key,), ("k",)).get("k")
-            k = _int(value, path + (key, "k"), minimum=1)
-        else:
-            k = _int(value, path + (key,), minimum=1)
-    elif value is not None and value != {}:
-        raise _fail(path + (key,), f"metric {name} takes no parameters: give {{}} or null; {_got(value)}")
-    return MetricConfig(name=name, k=k,
-                        higher_is_better=_get(raw, "higher_is_better", path, _bool, METRICS[name]))
-
-
-def _parse_evaluation(raw: Any, path: Path) -> EvaluationConfig:
-    raw = _section(raw, path, ("accuracy", "performance"))
-    accuracy = None
-    if raw.get("accuracy") is not None:
-        acc_path = path + ("accuracy",)
-        acc = _section(raw["accuracy"], acc_path, ("metric", "dataloader", "postprocess"))
-        accuracy = AccuracyConfig(
-            metric=_get(acc, "metric", acc_path, _parse_metric),
-            dataloader=_get(acc, "dataloader", acc_path, _parse_dataloader),
-            postprocess=_get(acc, "postprocess", acc_path,
-                             lambda v, p: _freeze(_named_entries(v, p, "postprocess steps"))),
-        )
-    performance = None
-    if raw.get("performance") is not None:
-        perf_path = path + ("performance",)
-        perf = _section(raw["performance"], perf_path, ("iteration", "warmup", "configs", "dataloader"))
-        cfg_path = perf_path + ("configs",)
-        cfg = _section(perf.get("configs"), cfg_path, [f.name for f in dataclasses.fields(PerformanceRunConfig)])
-        positive = lambda v, p: _int(v, p, minimum=1)  # noqa: E731
-        performance = PerformanceConfig(
-            iteration=_get(perf, "iteration", perf_path, lambda v, p: _int(v, p, minimum=1, also=(-1,)), -1),
-            warmup=_get(perf, "warmup", perf_path, lambda v, p: _int(v, p, minimum=0), 5),
-            configs=PerformanceRunConfig(
-                cores_per_instance=_get(cfg, "cores_per_instance", cfg_path, positive),
-                num_of_instance=_get(cfg, "num_of_instance", cfg_path, positive, 1),
-                inter_num_of_threads=_get(cfg, "inter_num_of_threads", cfg_path, positive),
-                intra_num_of_threads=_get(cfg, "intra_num_of_threads", cfg_path, positive),
-            ),
-            dataloader=_get(perf, "dataloader", perf_path, _parse_dataloader),
-        )
-    return EvaluationConfig(accuracy=accuracy, performance=performance)
-
-
-def _parse_tuning(raw: Any, path: Path) -> TuningConfig:
-    raw = _section(raw, path, ("strategy", "accuracy_criterion", "objective", "exit_policy",
-                               "random_seed", "workspace"))
-    strat_path = path + ("strategy",)
-    strategy = _section(raw.get("strategy"), strat_path, ("name",))
-    exit_path = path + ("exit_policy",)
-    exit_policy = _section(raw.get("exit_policy"), exit_path, ("timeout", "max_trials", "performance_only"))
-    ws_path = path + ("workspace",)
-    workspace = _section(raw.get("workspace"), ws_path, ("path", "resume"))
-    name = _get(strategy, "name", strat_path, lambda v, p: _choice(v, p, STRATEGIES), "sensitivity")
-    return TuningConfig(
-        strategy=StrategyConfig(name=_STRATEGY_ALIASES.get(name, name)),
-        accuracy_criterion=_parse_accuracy_criterion(raw.get("accuracy_criterion"), path + ("accuracy_criterion",)),
-        objective=_get(raw, "objective", path, lambda v, p: _choice(v, p, OBJECTIVES), "performance"),
-        exit_policy=ExitPolicy(
-            timeout=_get(exit_policy, "timeout", exit_path, lambda v, p: _number(v, p, minimum=0), 0.0),
-            max_trials=_get(exit_policy, "max_trials", exit_path, lambda v, p: _int(v, p, minimum=1), 100),
-            performance_only=_get(exit_policy, "performance_only", exit_path, _bool, False),
-        ),
-        random_seed=_get(raw, "random_seed", path, lambda v, p: _int(v, p, minimum=0, maximum=2**32 - 1),
-                         DEFAULT_RANDOM_SEED),
-        workspace=WorkspaceConfig(path=_get(workspace, "path", ws_path, _str, DEFAULT_WORKSPACE),
-                                  resume=_get(workspace, "resume", ws_path, _str)),
-    )
-
-
-def _parse_accuracy_criterion(raw: Any, path: Path) -> AccuracyCriterion:
-    raw = _section(raw, path, ("relative", "absolute", "higher_is_better"))
-    higher_is_better = _get(raw, "higher_is_better", path, _bool, True)
-    relative = _get(raw, "relative", path, lambda v, p: _number(v, p, minimum=0, below=1))
-    absolute = _get(raw, "absolute", path, lambda v, p: _number(v, p, minimum=0))
-    if relative is not None and absolute is not None:
-        raise _fail(path, "give exactly one of 'relative' or 'absolute', not both")
-    if absolute is not None:
-        return AccuracyCriterion("absolute", absolute, higher_is_better)
-    return AccuracyCriterion("relative", 0.01 if relative is None else relative, higher_is_better)

@@ -16,7 +16,7 @@ import numpy as np
 
 from tf_bf16 import config as config_lib
 from tf_bf16.common import DataLoader
-from tf_bf16.errors import ConfigError
+from tf_bf16.errors import ConfigError, InputError
 
 DEFAULT_KEY = "evaluation.accuracy.dataloader"
 
@@ -30,10 +30,10 @@ class ArrayDataset:
 
     def __init__(self, inputs: Sequence[np.ndarray], labels: Optional[np.ndarray] = None):
         if not inputs:
-            raise ValueError("ArrayDataset needs at least one input array")
+            raise InputError("ArrayDataset needs at least one input array")
         counts = {len(a) for a in inputs} | ({len(labels)} if labels is not None else set())
         if len(counts) != 1:
-            raise ValueError(f"inputs and labels have different sample counts: {sorted(counts)}")
+            raise InputError(f"inputs and labels have different sample counts: {sorted(counts)}")
         self.inputs = list(inputs)
         self.labels = labels
 
@@ -123,8 +123,7 @@ def tfrecord_dataset(spec: config_lib.TFRecordDatasetConfig, key: str = DEFAULT_
         if not matched:
             raise _fail(key + ".path", f"no file matches '{pattern}'")
         files.extend(matched)
-    dtypes = {"float32": tf.float32, "int64": tf.int64, "string": tf.string}
-    features = {name: tf.io.FixedLenFeature(list(f.shape), dtypes[f.dtype]) for name, f in spec.features.items()}
+    features = {name: tf.io.FixedLenFeature(list(f.shape), tf.as_dtype(f.dtype)) for name, f in spec.features.items()}
     columns = {name: [] for name in features}
     try:
         for record in tf.data.TFRecordDataset(files):

@@ -35,6 +35,15 @@ class ConfigError(TfBf16Error):
     """A YAML/dict config key or value is invalid; the message names the key and allowed values."""
 
 
+class InputError(TfBf16Error, ValueError):
+    """Bad data or arguments given to tf_bf16 in code: a feed, a batch, a DataLoader or metric
+    argument. Also a ValueError, as Python raises for bad arguments."""
+
+
+class EvaluationError(TfBf16Error):
+    """The user's evaluation (eval_func or metric) returned something tuning cannot use."""
+
+
 class UnsupportedHardwareError(TfBf16Error):
     """BF16 was asked for on a CPU or TensorFlow build that cannot run it fast."""
 

@@ -15,14 +15,14 @@ from typing import Any, Dict, Mapping, Optional, Type
 
 import numpy as np
 
-from tf_bf16.errors import ConfigError
+from tf_bf16.errors import ConfigError, InputError
 
 
 def _single_output(preds: Any, metric: str) -> np.ndarray:
     """The one prediction array a built-in metric scores (a one-item list is unwrapped)."""
     if isinstance(preds, (list, tuple)):
         if len(preds) != 1:
-            raise ValueError(f"metric {metric} scores one model output, got {len(preds)}; set the "
+            raise InputError(f"metric {metric} scores one model output, got {len(preds)}; set the "
                              f"model outputs (config model.outputs) or use a custom metric")
         preds = preds[0]
     return np.asarray(preds)
@@ -30,7 +30,7 @@ def _single_output(preds: Any, metric: str) -> np.ndarray:
 
 def _labels(labels: Any, metric: str) -> np.ndarray:
     if labels is None:
-        raise ValueError(f"metric {metric} needs labels, but the dataloader yields none")
+        raise InputError(f"metric {metric} needs labels, but the dataloader yields none")
     if isinstance(labels, (list, tuple)) and len(labels) == 1 and not np.isscalar(labels[0]):
         labels = labels[0]
     return np.asarray(labels)
@@ -61,7 +61,7 @@ class Metric:
         if self._delegate is not None:
             for method in ("update", "reset", "result"):
                 if not callable(getattr(self._delegate, method, None)):
-                    raise TypeError(f"metric class {metric_cls.__name__} has no {method}() method; a metric "
+                    raise InputError(f"metric class {metric_cls.__name__} has no {method}() method; a metric "
                                     f"needs update(preds, labels), reset() and result()")
             self.higher_is_better = bool(getattr(self._delegate, "higher_is_better", True))
 
@@ -93,7 +93,7 @@ class TopK(Metric):
     def __init__(self, k: int = 1):
         super().__init__()
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"topk: k must be an integer >= 1, got {k!r}")
+            raise InputError(f"topk: k must be an integer >= 1, got {k!r}")
         self.k = k
         self.name = f"top{k}"
         self.reset()
@@ -114,7 +114,7 @@ class TopK(Metric):
 
     def result(self) -> float:
         if not self._total:
-            raise ValueError("topk: result() before any update()")
+            raise InputError("topk: result() before any update()")
         return self._correct / self._total
 
 
@@ -144,7 +144,7 @@ class Accuracy(Metric):
 
     def result(self) -> float:
         if not self._total:
-            raise ValueError("Accuracy: result() before any update()")
+            raise InputError("Accuracy: result() before any update()")
         return self._correct / self._total
 
 
@@ -179,14 +179,14 @@ class _ErrorMetric(Metric):
         preds = _single_output(preds, self._label).astype(np.float64)
         labels = _labels(labels, self._label).astype(np.float64)
         if preds.size != labels.size:
-            raise ValueError(f"{self._label}: predictions have {preds.size} values but labels {labels.size}")
+            raise InputError(f"{self._label}: predictions have {preds.size} values but labels {labels.size}")
         diff = preds.reshape(-1) - labels.reshape(-1)
         self._sum += float(np.sum(self._term(diff)))
         self._count += diff.size
 
     def _mean(self) -> float:
         if not self._count:
-            raise ValueError(f"{self._label}: result() before any update()")
+            raise InputError(f"{self._label}: result() before any update()")
         return self._sum / self._count
 
 
@@ -231,7 +231,7 @@ class F1(Metric):
     def __init__(self, average: str = "macro", pos_label: int = 1):
         super().__init__()
         if average not in self.AVERAGES:
-            raise ValueError(f"F1: average must be one of {', '.join(self.AVERAGES)}, got {average!r}")
+            raise InputError(f"F1: average must be one of {', '.join(self.AVERAGES)}, got {average!r}")
         self.average = average
         self.pos_label = pos_label
         self.reset()
@@ -261,7 +261,7 @@ class F1(Metric):
 
     def result(self) -> float:
         if not self._seen:
-            raise ValueError("F1: result() before any update()")
+            raise InputError("F1: result() before any update()")
         if self.average == "binary":
             c = self.pos_label
             return self._f1(self._tp.get(c, 0), self._fp.get(c, 0), self._fn.get(c, 0))
@@ -271,7 +271,8 @@ class F1(Metric):
         return float(np.mean([self._f1(self._tp[c], self._fp[c], self._fn[c]) for c in classes]))
 
 
-# Canonical (Neural Compressor) metric name -> class; the config validates the names.
+# Canonical (Neural Compressor) metric name -> class: the config's allowed metric names, and each
+# class's ``higher_is_better`` is the direction the config assumes unless the YAML says otherwise.
 METRICS: Mapping[str, Type[Metric]] = types.MappingProxyType({
     "topk": TopK, "Accuracy": Accuracy, "MSE": MSE, "RMSE": RMSE, "MAE": MAE, "F1": F1})
 

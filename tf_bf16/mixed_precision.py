@@ -20,7 +20,7 @@ from tf_bf16 import pipeline, report as report_lib
 from tf_bf16.errors import ConfigError
 from tf_bf16.model import Model
 from tf_bf16.plan_builder import build_plan
-from tf_bf16.transforms.plan import BF16, FP32, PrecisionPlan
+from tf_bf16.transforms.plan import BF16, FP32, PRECISIONS, PrecisionPlan
 
 ConfigSource = Union[None, str, os.PathLike, Mapping[str, Any]]
 
@@ -57,9 +57,9 @@ class MixedPrecision:
     @precisions.setter
     def precisions(self, value: Union[str, Sequence[str]]) -> None:
         items = [value] if isinstance(value, str) else list(value)
-        bad = [p for p in items if p not in (BF16, FP32)]
+        bad = [p for p in items if p not in PRECISIONS]
         if bad or not items:
-            raise ConfigError(f"precisions: {bad or value!r} not allowed; allowed values: bf16, fp32")
+            raise ConfigError(f"precisions: {bad or value!r} not allowed; allowed values: {', '.join(PRECISIONS)}")
         self._precisions = tuple(dict.fromkeys(items + [FP32]))
 
     # ------------------------------------------------------------------ run
@@ -113,8 +113,9 @@ class MixedPrecision:
         report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
         optimized = model.with_graph_def(result.graph_def, report)
         if self._has_evaluation():
-            from tf_bf16 import tuning
-            optimized = tuning.tune(self, model, plan, result, base_report=report)
+            from tf_bf16 import evaluation, tuning
+            spec = evaluation.build_evaluation(self.conf, self.eval_func, self.eval_dataloader, self.metric)
+            optimized = tuning.tune(spec, model, plan, result, base_report=report)
         report_lib.log_report(optimized.report)
         return optimized
 

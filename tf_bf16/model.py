@@ -8,41 +8,17 @@ saved back with the source's signature intact.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from tf_bf16 import model_io
-from tf_bf16.errors import ModelSaveError
+from tf_bf16.errors import InputError, ModelSaveError
+from tf_bf16.model_io import Signature
 from tf_bf16.transforms import graph as graph_lib
 
 Feeds = Union[Mapping[str, Any], Sequence[Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpecInfo:
-    """One signature entry: the graph tensor behind a signature key, its dtype and shape."""
-
-    name: str                      # tensor in the graph, canonical ("node" or "node:k")
-    dtype: str                     # numpy-style name: "float32", "int32" ...
-    shape: Optional[Tuple[Optional[int], ...]]  # None when the rank is unknown
-
-
-@dataclasses.dataclass(frozen=True)
-class Signature:
-    """A serving signature: key plus ordered inputs and outputs keyed by signature name.
-
-    ``aliases`` are the source's other signature keys that serve the very same function
-    (Keras ``export`` writes both ``serve`` and ``serving_default``); a saved SavedModel
-    lists the signature under ``key`` and under each alias.
-    """
-
-    key: str
-    inputs: Dict[str, TensorSpecInfo]
-    outputs: Dict[str, TensorSpecInfo]
-    aliases: Tuple[str, ...] = ()
 
 
 class Model:
@@ -115,15 +91,15 @@ class Model:
         if isinstance(feeds, Mapping):
             unknown = sorted(set(feeds) - set(self.input_names))
             if unknown:
-                raise KeyError(f"unknown input name(s) {unknown}; inputs are {self.input_names}")
+                raise InputError(f"unknown input name(s) {unknown}; inputs are {self.input_names}")
             missing = [n for n in self.input_names if n not in feeds]
             if missing:
-                raise KeyError(f"missing feed(s) for input(s) {missing}")
+                raise InputError(f"missing feed(s) for input(s) {missing}")
             ordered = [feeds[n] for n in self.input_names]
         else:
             ordered = list(feeds)
             if len(ordered) != len(self.input_names):
-                raise ValueError(f"expected {len(self.input_names)} input(s) {self.input_names}, got {len(ordered)}")
+                raise InputError(f"expected {len(self.input_names)} input(s) {self.input_names}, got {len(ordered)}")
         session = self._ensure_session(session_config)
         feed_dict = {_tensor(n): v for n, v in zip(self.input_names, ordered)}
         return list(session.run([_tensor(n) for n in self.output_names], feed_dict=feed_dict))

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import shutil
 import uuid
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 from google.protobuf import message, text_format
@@ -18,12 +18,37 @@ from tensorflow.core.framework import graph_pb2
 
 from tf_bf16.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
 from tf_bf16.transforms import graph as graph_lib
+from tf_bf16.transforms.op_classes import STATE_OPS
 
 # A frozen GraphDef is one protobuf message, which cannot exceed 2 GiB.
 MAX_PROTO_BYTES = 2 * 1024 ** 3
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 SERVE_TAG = "serve"
 PREDICT_METHOD = "tensorflow/serving/predict"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpecInfo:
+    """One signature entry: the graph tensor behind a signature key, its dtype and shape."""
+
+    name: str                      # tensor in the graph, canonical ("node" or "node:k")
+    dtype: str                     # numpy-style name: "float32", "int32" ...
+    shape: Optional[Tuple[Optional[int], ...]]  # None when the rank is unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """A serving signature: key plus ordered inputs and outputs keyed by signature name.
+
+    ``aliases`` are the source's other signature keys that serve the very same function
+    (Keras ``export`` writes both ``serve`` and ``serving_default``); a saved SavedModel
+    lists the signature under ``key`` and under each alias.
+    """
+
+    key: str
+    inputs: Dict[str, TensorSpecInfo]
+    outputs: Dict[str, TensorSpecInfo]
+    aliases: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -33,7 +58,7 @@ class LoadedGraph:
     graph_def: graph_pb2.GraphDef
     input_names: Optional[List[str]]
     output_names: Optional[List[str]]
-    signature: Any  # tf_bf16.model.Signature or None
+    signature: Optional[Signature]
     source_path: Optional[str]
 
 
@@ -173,11 +198,6 @@ def _load_saved_model(path: str, signature_key: str) -> LoadedGraph:
     return _freeze_function(chosen, path, signature_key, structured=True, aliases=aliases)
 
 
-# Ops that mean a graph still holds state to restore, so it must go through tf.saved_model.load.
-_STATE_OPS = frozenset({"VariableV2", "Variable", "VarHandleOp", "_VarHandlesOp", "ReadVariableOp",
-                        "AssignVariableOp", "Assign", "HashTableV2", "HashTable", "MutableHashTableV2",
-                        "MutableHashTableOfTensorsV2", "MutableDenseHashTableV2", "InitializeTableV2",
-                        "InitializeTableFromTextFileV2", "RestoreV2", "SaveV2"})
 _INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "main_op", "table_initializer")
 
 
@@ -191,7 +211,6 @@ def _read_frozen_saved_model(path: str, signature_key: str) -> Optional[LoadedGr
     """
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
-    from tf_bf16.model import Signature, TensorSpecInfo
 
     pb_path = os.path.join(path, "saved_model.pb")
     if not tf.io.gfile.exists(pb_path) or tf.io.gfile.exists(os.path.join(path, "variables", "variables.index")):
@@ -209,7 +228,7 @@ def _read_frozen_saved_model(path: str, signature_key: str) -> Optional[LoadedGr
     meta = metas[0]
     if (meta.object_graph_def.nodes or meta.HasField("saver_def") or meta.meta_info_def.stripped_default_attrs
             or any(c in meta.collection_def for c in _INIT_COLLECTIONS)
-            or any(n.op in _STATE_OPS for n in meta.graph_def.node)):
+            or any(n.op in STATE_OPS for n in meta.graph_def.node)):
         return None
     sig_defs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
     if signature_key not in sig_defs:
@@ -335,7 +354,6 @@ def _freeze_function(fn: Any, path: Optional[str], signature_key: str, structure
     """Inline variables as constants and record the function's signature."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-    from tf_bf16.model import Signature, TensorSpecInfo
 
     var_bytes = sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in getattr(fn, "variables", ()))
     if var_bytes > MAX_PROTO_BYTES:
@@ -415,7 +433,6 @@ def synthesize_signature(graph_def: graph_pb2.GraphDef, inputs: Sequence[str], o
                          key: str) -> Any:
     """A signature for a bare graph: keys are the node names, dtypes/shapes from the graph."""
     import tensorflow as tf
-    from tf_bf16.model import Signature, TensorSpecInfo
 
     graph = tf.Graph()
     with graph.as_default():

@@ -10,12 +10,10 @@ import collections
 from typing import Any, Dict, List, Mapping, Optional
 
 from absl import logging
-from tensorflow.core.framework import graph_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2
 
 from tf_bf16.transforms import graph as g
-
-_INT8_TYPES = frozenset({types_pb2.DT_QINT8, types_pb2.DT_QUINT8, types_pb2.DT_QINT32,
-                         types_pb2.DT_INT8, types_pb2.DT_UINT8})
+from tf_bf16.transforms.op_classes import is_int8_op
 
 
 def node_precision(node, sigs: g.OpSignatures) -> Optional[str]:
@@ -24,8 +22,7 @@ def node_precision(node, sigs: g.OpSignatures) -> Optional[str]:
         types = [node.attr["dtype"].type]
     else:
         types = [g.slot_dtype(node, s) for s in sigs.type_attrs(node)]
-    if node.op.startswith(("Quantized", "_Quantized", "_FusedQuantized")) or (
-            node.op in ("QuantizeV2", "Dequantize")):
+    if is_int8_op(node.op):
         return "int8"
     if g.BFLOAT16 in types:
         return "bf16"

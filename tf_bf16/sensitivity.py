@@ -33,13 +33,10 @@ from absl import logging
 from tensorflow.core.framework import graph_pb2
 
 from tf_bf16.transforms import graph as g
-from tf_bf16.transforms.op_classes import OpClass, op_class
+from tf_bf16.transforms.op_classes import IDENTITY_OPS, SATURATING_OPS, OpClass, op_class
 
 Tensor = Tuple[str, int]  # (node, port) in the FP32 cleaned graph
 
-# Ops whose output saturates: the error is measured at their input (the logits).
-SATURATING_OPS = frozenset({"Softmax", "Sigmoid"})
-PASS_THROUGH_OPS = frozenset({"Identity", "Snapshot", "StopGradient"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +136,7 @@ def measurement_targets(cleaned: graph_pb2.GraphDef, outputs: Sequence[str]) -> 
     for out in outputs:
         name, port, _ = g.parse_input(out)
         node = index.nodes.get(name)
-        while node is not None and node.op in PASS_THROUGH_OPS and node.input:
+        while node is not None and node.op in IDENTITY_OPS and node.input:
             name, port, _ = g.parse_input(node.input[0])
             node = index.nodes.get(name)
         if node is not None and node.op in SATURATING_OPS and port == 0:

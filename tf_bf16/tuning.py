@@ -1,7 +1,8 @@
 """Accuracy-aware tuning: the most-BF16 model that meets the accuracy criterion, in few evaluations.
 
-``tune(converter, model, plan, result)`` is called by ``MixedPrecision`` after the full BF16
-conversion when evaluation components are set. It evaluates the FP32 baseline once, then:
+``tune(spec, model, plan, result)`` is called by ``MixedPrecision`` after the full BF16
+conversion when evaluation components are set; ``spec`` (``tf_bf16.evaluation``) says how a
+model is scored, what passes and when to stop. It evaluates the FP32 baseline once, then:
 
 1. trial 1 is the full BF16 conversion; if it meets the criterion, that is the answer;
 2. otherwise the fallback candidates are ranked: by a first-order sensitivity estimate (one
@@ -28,215 +29,17 @@ import math
 import time
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 from absl import logging
 
-from tf_bf16 import common, config as config_lib, data as data_lib, metrics as metrics_lib
 from tf_bf16 import pipeline, report as report_lib, sensitivity
-from tf_bf16.errors import ConfigError
+from tf_bf16.errors import EvaluationError
+from tf_bf16.evaluation import Criterion, EvaluationSpec, Evaluator, synthetic_feeds
 from tf_bf16.model import Model
 from tf_bf16.transforms.plan import BF16, PrecisionPlan
 
-SENSITIVITY_SAMPLES = 256      # at most this many samples feed the two sensitivity runs
-SENSITIVITY_BATCHES = 8        # ... from at most this many batches
-SYNTHETIC_BATCH = 8            # batch size of random inputs when no data is available
 # The first guess falls back the top units until the unexplained share of the output error
 # is at most allowed_loss / full_bf16_loss, clipped to this range.
 MIN_ERROR_SHARE, MAX_ERROR_SHARE = 0.01, 0.5
-
-
-# --------------------------------------------------------------------------------------
-# criterion
-# --------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Criterion:
-    """``relative`` or ``absolute`` tolerable loss against the FP32 baseline, in the metric's direction."""
-
-    kind: str = "relative"
-    tolerable_loss: float = 0.01
-    higher_is_better: bool = True
-
-    def __post_init__(self):
-        if self.kind not in ("relative", "absolute"):
-            raise ValueError(f"criterion kind must be relative or absolute, got {self.kind!r}")
-        if not (self.tolerable_loss >= 0 and math.isfinite(self.tolerable_loss)):
-            raise ValueError(f"tolerable loss must be a finite number >= 0, got {self.tolerable_loss!r}")
-
-    def target(self, baseline: float) -> float:
-        """The worst accuracy that still passes (relative loss is taken of |baseline|)."""
-        margin = self.tolerable_loss * (abs(baseline) if self.kind == "relative" else 1.0)
-        return baseline - margin if self.higher_is_better else baseline + margin
-
-    def passes(self, value: float, baseline: float) -> bool:
-        """Whether ``value`` meets the target (reaching it exactly passes; NaN never does)."""
-        if value is None or not math.isfinite(value):
-            return False
-        target = self.target(baseline)
-        return value >= target if self.higher_is_better else value <= target
-
-    def loss(self, value: float, baseline: float) -> float:
-        """How much worse than the baseline ``value`` is (negative when better)."""
-        return baseline - value if self.higher_is_better else value - baseline
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether accuracy ``a`` is strictly better than ``b``."""
-        if not math.isfinite(a):
-            return False
-        if not math.isfinite(b):
-            return True
-        return a > b if self.higher_is_better else a < b
-
-    def to_dict(self, baseline: Optional[float] = None) -> Dict[str, Any]:
-        out = {"kind": self.kind, "tolerable_loss": self.tolerable_loss, "higher_is_better": self.higher_is_better}
-        if baseline is not None:
-            out["target"] = self.target(baseline)
-        return out
-
-
-# --------------------------------------------------------------------------------------
-# evaluation
-# --------------------------------------------------------------------------------------
-
-class Evaluator:
-    """Scores a Model: ``eval_func(model)``, or a metric over the batches of a dataloader."""
-
-    def __init__(self, eval_func: Optional[Callable[[Model], float]] = None, dataloader: Any = None,
-                 metric: Any = None):
-        if eval_func is None and (dataloader is None or metric is None):
-            raise ValueError("an Evaluator needs eval_func, or a dataloader and a metric")
-        self.eval_func = eval_func
-        self.dataloader = dataloader
-        self.metric = metric
-
-    @property
-    def higher_is_better(self) -> Optional[bool]:
-        """The metric's own direction when it declares one (None for eval_func)."""
-        if self.eval_func is not None or self.metric is None:
-            return None
-        value = getattr(self.metric, "higher_is_better", None)
-        return None if value is None else bool(value)
-
-    def __call__(self, model: Model) -> float:
-        if self.eval_func is not None:
-            value = self.eval_func(model)
-        else:
-            self.metric.reset()
-            for inputs, labels in common.batches(self.dataloader):
-                outputs = model.run(common.model_feeds(inputs, model.input_names))
-                self.metric.update(outputs[0] if len(outputs) == 1 else outputs, labels)
-            value = self.metric.result()
-        try:
-            return float(value)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"the evaluation returned {value!r}; it must return one number") from e
-
-    def sample_feeds(self, input_names: Sequence[str], max_samples: int = SENSITIVITY_SAMPLES,
-                     max_batches: int = SENSITIVITY_BATCHES) -> List[Dict[str, np.ndarray]]:
-        """The first batches of the dataloader as feeds (empty when there is no dataloader)."""
-        return _first_feeds(self.dataloader, input_names, max_samples, max_batches)
-
-
-def _first_feeds(loader: Any, input_names: Sequence[str], max_samples: int, max_batches: int) -> List[Dict[str, np.ndarray]]:
-    feeds: List[Dict[str, np.ndarray]] = []
-    if loader is None:
-        return feeds
-    seen = 0
-    for inputs, _ in common.batches(loader):
-        feed = common.model_feeds(inputs, input_names)
-        feeds.append(feed)
-        seen += len(next(iter(feed.values())))
-        if seen >= max_samples or len(feeds) >= max_batches:
-            break
-    return feeds
-
-
-def _synthetic_feeds(model: Model, seed: int) -> List[Dict[str, np.ndarray]]:
-    """Random inputs from the model's signature (floats in [0, 1), integers 0); [] if a shape is unknown."""
-    by_node = {spec.name: spec for spec in model.signature.inputs.values()}
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for name in model.input_names:
-        spec = by_node.get(name)
-        if spec is None or spec.shape is None or any(d is None for d in spec.shape[1:]):
-            return []
-        shape = (SYNTHETIC_BATCH,) + tuple(int(d) for d in spec.shape[1:])
-        try:
-            dtype = np.dtype(np.float32 if spec.dtype == "bfloat16" else spec.dtype)
-        except TypeError:
-            return []
-        if np.issubdtype(dtype, np.floating):
-            feed[name] = rng.random(shape).astype(dtype)
-        elif np.issubdtype(dtype, np.number) or dtype == np.bool_:
-            feed[name] = np.zeros(shape, dtype)
-        else:   # strings and other kinds: no safe random value
-            return []
-    return [feed]
-
-
-def build_evaluator(converter: Any) -> Evaluator:
-    """The converter's evaluation: eval_func, or dataloader + metric from code or the YAML config."""
-    conf = converter.conf
-    accuracy = conf.evaluation.accuracy
-    loader_conf = accuracy.dataloader if accuracy is not None else None
-    key = "evaluation.accuracy"
-    seed = conf.tuning.random_seed
-    loader = converter.eval_dataloader
-    if loader is not None and not isinstance(loader, common.DataLoader) and common.is_map_dataset(loader) \
-            and not isinstance(loader, (list, tuple)):
-        spec = loader_conf or config_lib.DataLoaderConfig()
-        loader = data_lib.create_dataloader(spec, seed, key + ".dataloader", dataset=loader)
-    if loader is None and loader_conf is not None and loader_conf.dataset is not None:
-        loader = data_lib.create_dataloader(loader_conf, seed, key + ".dataloader")
-    if loader is not None and _one_shot(loader):
-        raise TypeError("converter.eval_dataloader is a one-shot iterator (a generator?); tuning evaluates it "
-                        "many times, so give something re-iterable: a common.DataLoader, a list of batches "
-                        "or a tf.data.Dataset")
-    if converter.eval_func is not None:
-        if not callable(converter.eval_func):
-            raise TypeError(f"converter.eval_func must be callable (model -> float), got {converter.eval_func!r}")
-        return Evaluator(eval_func=converter.eval_func, dataloader=loader)
-    if loader is None:
-        raise ConfigError(f"config key '{key}.dataloader': no evaluation data; set converter.eval_dataloader "
-                          f"or give evaluation.accuracy.dataloader.dataset (or set converter.eval_func)")
-    metric = resolve_metric(converter.metric, accuracy.metric if accuracy is not None else None)
-    return Evaluator(dataloader=loader, metric=metric)
-
-
-def _one_shot(loader: Any) -> bool:
-    """True for an iterator (``iter(x) is x``), also when wrapped by a DataLoader: it can be read only once."""
-    inner = loader.dataset if isinstance(loader, common.DataLoader) and loader.batched else loader
-    try:
-        return iter(inner) is inner
-    except TypeError:
-        return False
-
-
-def resolve_metric(metric: Any, metric_conf: Optional[config_lib.MetricConfig]) -> Any:
-    """A metric object from code (object, class, name or ``{name: params}``) or else from the YAML config."""
-    key = "evaluation.accuracy.metric"
-    if metric is None:
-        if metric_conf is None:
-            raise ConfigError(f"config key '{key}': a metric is required with a dataloader "
-                              f"(e.g. {{topk: 1}}), or set converter.metric or converter.eval_func")
-        return metrics_lib.create_metric(metric_conf)
-    if isinstance(metric, type):
-        metric = metric()
-    if isinstance(metric, (str, Mapping)):
-        parsed = config_lib.load_config({"evaluation": {"accuracy": {"metric": metric}}})
-        return metrics_lib.create_metric(parsed.evaluation.accuracy.metric)
-    if not metrics_lib.is_metric(metric):
-        raise TypeError(f"converter.metric must have update(preds, labels), reset() and result(); got {metric!r}")
-    return metric
-
-
-def resolve_criterion(conf: config_lib.Config, evaluator: Evaluator) -> Criterion:
-    """The config's criterion; lower-is-better when the config or the metric says so."""
-    crit = conf.tuning.accuracy_criterion
-    higher = crit.higher_is_better
-    if evaluator.higher_is_better is False:
-        higher = False
-    return Criterion(crit.criterion, crit.tolerable_loss, higher)
 
 
 # --------------------------------------------------------------------------------------
@@ -466,33 +269,31 @@ class _Tuner:
 # entry point
 # --------------------------------------------------------------------------------------
 
-def tune(converter: Any, model: Model, plan: PrecisionPlan, result: pipeline.ConversionResult,
+def tune(spec: EvaluationSpec, model: Model, plan: PrecisionPlan, result: pipeline.ConversionResult,
          base_report: Optional[Mapping[str, Any]] = None) -> Model:
-    """Accuracy-aware fallback search from the full BF16 ``result``; returns the chosen model.
+    """Accuracy-aware fallback search from the full BF16 ``result``, scored as ``spec`` says;
+    returns the chosen model.
 
     ``base_report`` (the full conversion's report) supplies extra report keys (target, timings).
     """
     start = time.perf_counter()
-    conf = converter.conf
-    policy = conf.tuning.exit_policy
     extra = {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
-    if policy.performance_only:
+    if spec.performance_only:
         logging.info("tf_bf16 tuning: exit_policy.performance_only is set; no accuracy evaluation")
         report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
         report["tuning"] = {"skipped": "tuning.exit_policy.performance_only"}
         return model.with_graph_def(result.graph_def, report)
 
-    evaluator = build_evaluator(converter)
+    evaluator, criterion = spec.evaluator, spec.criterion
     t0 = time.perf_counter()
     baseline = evaluator(model)
     baseline_seconds = time.perf_counter() - t0
     if not math.isfinite(baseline):
-        raise ValueError(f"the FP32 baseline evaluated to {baseline}; the evaluation must return a finite number")
-    criterion = resolve_criterion(conf, evaluator)
+        raise EvaluationError(f"the FP32 baseline evaluated to {baseline}; the evaluation must return a finite number")
     logging.info("tf_bf16 tuning: FP32 baseline %.4f (%.2fs); criterion %s %g -> target %s %.4f",
                  baseline, baseline_seconds, criterion.kind, criterion.tolerable_loss,
                  ">=" if criterion.higher_is_better else "<=", criterion.target(baseline))
-    tuner = _Tuner(model, plan, result, evaluator, criterion, baseline, policy.max_trials, policy.timeout, start)
+    tuner = _Tuner(model, plan, result, evaluator, criterion, baseline, spec.max_trials, spec.timeout, start)
     first = tuner.run_trial(result, "full")
     ranking: Optional[sensitivity.Ranking] = None
     if first is not None and not first.passed:
@@ -501,7 +302,7 @@ def tune(converter: Any, model: Model, plan: PrecisionPlan, result: pipeline.Con
         candidates = result.bf16_nodes - forced_bf16
         feeds = evaluator.sample_feeds(model.input_names)
         if not feeds:
-            feeds = _synthetic_feeds(model, conf.tuning.random_seed)
+            feeds = synthetic_feeds(model, spec.random_seed)
         ranking = sensitivity.rank(result.cleaned, result.graph_def, result.bf16_nodes, model.input_names,
                                    model.output_names, feeds, candidates)
         order = ranked_nodes(ranking.units, candidates)

@@ -21,7 +21,7 @@ from tf_bf16.transforms.graph import (GraphIndex, OpSignatures, copy_graph,
                                       make_const, parse_input, reachable_from, rebuild, slot_dtype,
                                       unique_name)
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.op_classes import STATEFUL_SOURCE_OPS, V1_CONTROL_FLOW_OPS
+from tf_bf16.transforms.op_classes import RUNTIME_IO_OPS, STATEFUL_SOURCE_OPS, V1_CONTROL_FLOW_OPS
 
 # A folded tensor above this many elements that is also much larger than its inputs
 # (Fill, Tile, BroadcastTo, ZerosLike of a big shape) stays an op: storing it would bloat the
@@ -30,8 +30,7 @@ MAX_FOLDED_ELEMENTS = 10_000_000
 MAX_GROWTH = 4
 
 # Never constant even with constant inputs: they carry frame/deadness or feed values in.
-NEVER_FOLD_OPS = STATEFUL_SOURCE_OPS | V1_CONTROL_FLOW_OPS | frozenset({"_Retval", "_Recv", "_Send", "_HostRecv",
-                                                                     "_HostSend"})
+NEVER_FOLD_OPS = STATEFUL_SOURCE_OPS | V1_CONTROL_FLOW_OPS | RUNTIME_IO_OPS
 UNFOLDABLE_DTYPES = frozenset({types_pb2.DT_RESOURCE, types_pb2.DT_VARIANT, types_pb2.DT_INVALID})
 
 

@@ -1,4 +1,10 @@
-"""Which op types are worth, safe or unsafe to run in BF16: the paint lists of BF16Convert.
+"""Every op-type fact the passes use, and the BF16 paint policy as data plus one function.
+
+The one home of op knowledge: the paint classes and what each class does (``PAINT_RULES``),
+the per-op refusal checks (``bf16_refusal``), FP32-only attrs, BF16-accumulating ops,
+control flow, identity-like ops, sources, state and INT8 ops. A new op rule is a change here.
+
+Which op types are worth, safe or unsafe to run in BF16: the paint lists of BF16Convert.
 
 Four classes, as in TensorFlow's oneDNN auto-mixed-precision pass (TF 2.21 lists are the
 fact base), with deliberate changes noted below:
@@ -165,6 +171,26 @@ PASS_THROUGH_OPS: FrozenSet[str] = IDENTITY_OPS | frozenset({"IdentityN", "Check
 STATEFUL_SOURCE_OPS: FrozenSet[str] = frozenset({"Placeholder", "PlaceholderWithDefault", "PlaceholderV2", "_Arg"})
 # Nodes BF16Convert never paints (sources; a Const feeding BF16 is converted offline instead).
 SOURCE_OPS: FrozenSet[str] = frozenset({"Placeholder", "PlaceholderWithDefault", "Const"})
+
+# Runtime data transfer (function returns, cross-device sends): never constant, never pure.
+RUNTIME_IO_OPS: FrozenSet[str] = frozenset({"_Retval", "_Recv", "_Send", "_HostRecv", "_HostSend"})
+
+# Ops that mean a graph still holds state to restore (variables, lookup tables, checkpoints).
+STATE_OPS: FrozenSet[str] = frozenset({
+    "VariableV2", "Variable", "VarHandleOp", "_VarHandlesOp", "ReadVariableOp", "AssignVariableOp", "Assign",
+    "HashTableV2", "HashTable", "MutableHashTableV2", "MutableHashTableOfTensorsV2", "MutableDenseHashTableV2",
+    "InitializeTableV2", "InitializeTableFromTextFileV2", "RestoreV2", "SaveV2",
+})
+
+# INT8 ops: QuantizeV2/Dequantize and every op whose name starts with a quantized prefix.
+QUANTIZE_OPS: FrozenSet[str] = frozenset({"QuantizeV2", "Dequantize"})
+QUANTIZED_OP_PREFIXES = ("Quantized", "_Quantized", "_FusedQuantized")
+
+
+def is_int8_op(op: str) -> bool:
+    """Whether op type ``op`` computes on or converts to quantized (INT8) tensors."""
+    return op in QUANTIZE_OPS or op.startswith(QUANTIZED_OP_PREFIXES)
+
 
 # Ops whose output saturates: BF16 error is measured at their input (the logits) when ranking.
 SATURATING_OPS: FrozenSet[str] = frozenset({"Softmax", "Sigmoid"})

@@ -14,7 +14,8 @@ from typing import FrozenSet, Iterable, Mapping, Optional, Tuple
 
 FP32 = "fp32"
 BF16 = "bf16"
-PRECISIONS = (FP32, BF16)
+PRECISIONS = (BF16, FP32)  # every precision; also the order of the config's normalised precision tuples
+
 
 def _freeze_mapping(value: Optional[Mapping]) -> Mapping:
     return types.MappingProxyType(dict(value or {}))
