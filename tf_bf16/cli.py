@@ -121,6 +121,8 @@ def _define_convert_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_string("target", None, "Deployment CPU when it is not this one: spr, cpx or avx512_bf16.",
                         flag_values=fv)
+    flags.DEFINE_bool("kernels", False, "Use tf_bf16's fused oneDNN kernel ops (the output then needs "
+                      "'import tf_bf16.kernels' to run).", flag_values=fv)
 
 
 def _convert_main(fv: flags.FlagValues) -> int:
@@ -129,7 +131,7 @@ def _convert_main(fv: flags.FlagValues) -> int:
         raise UsageError("--output_model is required")
     from tf_bf16.mixed_precision import MixedPrecision
 
-    converter = MixedPrecision(fv.config, target=fv.target)
+    converter = MixedPrecision(fv.config, target=fv.target, kernels=fv.kernels)
     converter.precisions = fv.precisions
     converter.model = load_model_from_flags(fv, converter.conf)
     _save_and_report(fv, converter())

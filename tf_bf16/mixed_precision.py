@@ -30,12 +30,15 @@ class MixedPrecision:
 
     ``target`` names the deployment CPU (``"spr"``, ``"cpx"``, ``"avx512_bf16"``) when it
     differs from this machine; ``env`` defaults to ``os.environ`` and is where ``FORCE_BF16``
-    is read (the passes themselves never read the environment).
+    is read (the passes themselves never read the environment). ``kernels=True`` replaces BF16
+    contractions and their epilogues by tf_bf16's fused oneDNN ops; the result then needs
+    ``import tf_bf16.kernels`` (``tf_bf16.Model`` does it itself) wherever it runs.
     """
 
     def __init__(self, conf: ConfigSource = None, target: Optional[str] = None,
-                 env: Optional[Mapping[str, str]] = None):
+                 env: Optional[Mapping[str, str]] = None, kernels: bool = False):
         self.conf = config_lib.load_config(conf)
+        self.kernels = kernels
         self._precisions = tuple(self.conf.effective_precisions())
         self.target = target if target is not None else self.conf.mixed_precision.target
         self.env = env
@@ -99,8 +102,11 @@ class MixedPrecision:
             report_lib.log_report(report)
             return model.with_graph_def(cleaned, report)
         extra = self._capability_warnings()
+        requires = _require_kernels() if self.kernels else None
         plan = self.plan_for(model)
-        result = pipeline.convert_graph(model.graph_def, plan)
+        result = pipeline.convert_graph(model.graph_def, plan, self.kernels)
+        if requires:
+            extra["kernels"] = {"nodes": result.kernel_nodes, "requires": requires}
         elapsed = time.perf_counter() - start
         extra.update({
             "precisions": list(self._precisions),
@@ -115,7 +121,7 @@ class MixedPrecision:
         if self._has_evaluation():
             from tf_bf16 import evaluation, tuning
             spec = evaluation.build_evaluation(self.conf, self.eval_func, self.eval_dataloader, self.metric)
-            optimized = tuning.tune(spec, model, plan, result, base_report=report)
+            optimized = tuning.tune(spec, model, plan, result, base_report=report, kernels=self.kernels)
         report_lib.log_report(optimized.report)
         return optimized
 
@@ -131,3 +137,13 @@ class MixedPrecision:
             return True
         accuracy = self.conf.evaluation.accuracy
         return accuracy is not None and accuracy.dataloader is not None and accuracy.dataloader.dataset is not None
+
+
+def _require_kernels() -> str:
+    """Load tf_bf16's kernel library (the converted graph uses its ops); ConfigError saying why not."""
+    from tf_bf16 import kernels
+
+    if kernels.load_kernels() is None:
+        raise ConfigError(f"kernels=True needs tf_bf16's kernel library, which is not built or does not load "
+                          f"({kernels.library_path()}); build it with 'python -m tf_bf16.kernels.build'")
+    return "import tf_bf16.kernels before running this graph (tf_bf16.Model loads it itself)"

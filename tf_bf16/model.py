@@ -80,6 +80,10 @@ class Model:
     def _ensure_session(self, session_config=None):
         if self._session is None:
             import tensorflow as tf
+
+            from tf_bf16 import kernels
+            if kernels.uses_kernels(self._graph_def):
+                kernels.require()
             graph = tf.Graph()
             with graph.as_default():
                 tf.graph_util.import_graph_def(self._graph_def, name="")

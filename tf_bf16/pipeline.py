@@ -1,8 +1,9 @@
 """The conversion pipeline: registered passes by name, in stages.
 
 Stages run in order: generic FP32 clean-up, INT8 generation (empty until the INT8 stage
-lands), BF16 painting, cast folding, then the library functions' bodies (each body goes
-through the BF16 and cast-folding stages on its own). A new pass is one file in
+lands), BF16 painting, cast folding, the optional kernel rewrite (tf_bf16's fused oneDNN ops,
+only when asked for), then the library functions' bodies (each body goes through the BF16
+and cast-folding stages on its own). A new pass is one file in
 ``transforms/``, one line in the driver's registry and its name in a stage here. The
 converter, the tuner, the CLI and the benchmarks all call this module, so every caller gets
 the same graph for the same plan.
@@ -27,15 +28,23 @@ CLEAN_UP: Tuple[str, ...] = ("strip_unused", "remove_identity", "fold_constants"
 INT8: Tuple[str, ...] = ()
 BF16: Tuple[str, ...] = ("bf16_convert",)
 CAST_FOLDING: Tuple[str, ...] = ("fold_casts",)  # also drops nodes the Casts' removal left dead
+KERNELS: Tuple[str, ...] = ("fuse_kernels",)   # only with kernels=True: the graph then needs tf_bf16.kernels
 FUNCTION_BODIES: Tuple[str, ...] = ("convert_function_bodies",)
 # Passes applied to each library function body.
 BODY_TRANSFORMS: Tuple[str, ...] = BF16 + CAST_FOLDING
 
 STAGES: Mapping[str, Tuple[str, ...]] = {
-    "clean_up": CLEAN_UP, "int8": INT8, "bf16": BF16, "cast_folding": CAST_FOLDING,
+    "clean_up": CLEAN_UP, "int8": INT8, "bf16": BF16, "cast_folding": CAST_FOLDING, "kernels": KERNELS,
     "function_bodies": FUNCTION_BODIES,
 }
-CONVERSION: Tuple[str, ...] = INT8 + BF16 + CAST_FOLDING + FUNCTION_BODIES  # what the tuner re-runs
+
+
+def conversion(kernels: bool = False) -> Tuple[str, ...]:
+    """The passes after clean-up (what the tuner re-runs), with the kernel rewrite when asked."""
+    return INT8 + BF16 + CAST_FOLDING + (KERNELS if kernels else ()) + FUNCTION_BODIES
+
+
+CONVERSION: Tuple[str, ...] = conversion()
 
 
 @dataclasses.dataclass
@@ -49,6 +58,7 @@ class ConversionResult:
     seconds: Dict[str, float]
     consts_converted: int = 0
     functions: Dict[str, FunctionReport] = dataclasses.field(default_factory=dict)
+    kernel_nodes: int = 0
 
 
 def new_context(plan: PrecisionPlan) -> TransformContext:
@@ -80,7 +90,7 @@ def clean_up(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> graph_pb2.Gr
     return run(graph_def, new_context(plan), CLEAN_UP)
 
 
-def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
+def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan, kernels: bool = False) -> ConversionResult:
     """The stages after clean-up on an already cleaned graph (the tuner re-runs only these).
 
     Library functions (cond/while branches, PartitionedCall bodies) are converted too, each
@@ -88,16 +98,17 @@ def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan) -> Convers
     """
     t0 = time.perf_counter()
     context = new_context(plan)
-    converted = run(cleaned, context, CONVERSION)
+    converted = run(cleaned, context, conversion(kernels))
     return ConversionResult(converted, cleaned, context.fp32_reasons(), context.bf16_nodes(),
-                            {"convert": time.perf_counter() - t0}, context.consts_converted, dict(context.functions))
+                            {"convert": time.perf_counter() - t0}, context.consts_converted, dict(context.functions),
+                            context.kernel_nodes)
 
 
-def convert_graph(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> ConversionResult:
+def convert_graph(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan, kernels: bool = False) -> ConversionResult:
     """The whole pipeline: clean-up, then ``convert_cleaned``."""
     t0 = time.perf_counter()
     cleaned = clean_up(graph_def, plan)
     t1 = time.perf_counter()
-    result = convert_cleaned(cleaned, plan)
+    result = convert_cleaned(cleaned, plan, kernels)
     result.seconds["clean_up"] = t1 - t0
     return result

@@ -177,8 +177,10 @@ class _Tuner:
     """Runs trials for one ``tune`` call: conversion, caching, budget, bookkeeping and logging."""
 
     def __init__(self, model: Model, plan: PrecisionPlan, full: pipeline.ConversionResult, evaluator: Evaluator,
-                 criterion: Criterion, baseline: float, max_trials: int, timeout: float, start: float):
+                 criterion: Criterion, baseline: float, max_trials: int, timeout: float, start: float,
+                 kernels: bool = False):
         self.model = model
+        self.kernels = kernels
         self.plan = plan
         self.full = full
         self.evaluator = evaluator
@@ -234,7 +236,7 @@ class _Tuner:
 
     def evaluate_set(self, fp32_nodes: FrozenSet[str], phase: str) -> Optional[bool]:
         """The search's callback: convert with ``fp32_nodes`` forced FP32 and evaluate."""
-        result = pipeline.convert_cleaned(self.full.cleaned, self.plan.with_fp32(sorted(fp32_nodes)))
+        result = pipeline.convert_cleaned(self.full.cleaned, self.plan.with_fp32(sorted(fp32_nodes)), self.kernels)
         trial = self.run_trial(result, phase)
         return None if trial is None else trial.passed
 
@@ -270,11 +272,12 @@ class _Tuner:
 # --------------------------------------------------------------------------------------
 
 def tune(spec: EvaluationSpec, model: Model, plan: PrecisionPlan, result: pipeline.ConversionResult,
-         base_report: Optional[Mapping[str, Any]] = None) -> Model:
+         base_report: Optional[Mapping[str, Any]] = None, kernels: bool = False) -> Model:
     """Accuracy-aware fallback search from the full BF16 ``result``, scored as ``spec`` says;
     returns the chosen model.
 
-    ``base_report`` (the full conversion's report) supplies extra report keys (target, timings).
+    ``base_report`` (the full conversion's report) supplies extra report keys (target, timings);
+    ``kernels`` re-runs each trial's conversion with the kernel rewrite, as ``result`` was made.
     """
     start = time.perf_counter()
     extra = {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
@@ -293,7 +296,8 @@ def tune(spec: EvaluationSpec, model: Model, plan: PrecisionPlan, result: pipeli
     logging.info("tf_bf16 tuning: FP32 baseline %.4f (%.2fs); criterion %s %g -> target %s %.4f",
                  baseline, baseline_seconds, criterion.kind, criterion.tolerable_loss,
                  ">=" if criterion.higher_is_better else "<=", criterion.target(baseline))
-    tuner = _Tuner(model, plan, result, evaluator, criterion, baseline, spec.max_trials, spec.timeout, start)
+    tuner = _Tuner(model, plan, result, evaluator, criterion, baseline, spec.max_trials, spec.timeout, start,
+                   kernels)
     first = tuner.run_trial(result, "full")
     ranking: Optional[sensitivity.Ranking] = None
     if first is not None and not first.passed:

@@ -53,6 +53,7 @@ class TransformContext:
     run: Optional[Runner] = None
     decisions: Dict[str, Decision] = dataclasses.field(default_factory=dict)
     consts_converted: int = 0
+    kernel_nodes: int = 0
     functions: Dict[str, FunctionReport] = dataclasses.field(default_factory=dict)
 
     def for_body(self, inputs: Sequence[str], outputs: Sequence[str]) -> "TransformContext":

@@ -29,6 +29,7 @@ def _registry() -> Mapping[str, Transform]:
     from tf_bf16.transforms.fold_casts import fold_casts
     from tf_bf16.transforms.fold_constants import fold_constants
     from tf_bf16.transforms.function_bodies import convert_function_bodies
+    from tf_bf16.transforms.fuse_kernels import fuse_kernels
     from tf_bf16.transforms.remove_identity import remove_identity
     from tf_bf16.transforms.strip_unused import strip_unused
 
@@ -40,6 +41,7 @@ def _registry() -> Mapping[str, Transform]:
         "bf16_convert": bf16_convert,
         "fold_casts": fold_casts,
         "convert_function_bodies": convert_function_bodies,
+        "fuse_kernels": fuse_kernels,
     })
 
 

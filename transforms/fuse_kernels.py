@@ -1,0 +1,231 @@
+"""fuse_kernels: put tf_bf16's fused oneDNN ops in place of BF16 contractions and their epilogues.
+
+A BF16 Conv2D, DepthwiseConv2dNative, MatMul or BatchMatMul(V2), with the BiasAdd, residual
+Add and activation that follow it when each is the sole reader of the one before, becomes one
+``TfBf16Conv2D`` / ``TfBf16MatMul`` node (``tf_bf16.kernels``) that keeps the last node's
+name, so every consumer stays valid. The fused kernel rounds once to BF16 for the whole
+pattern and reorders constant weights once. Nodes that are FP32, off the CPU, protected graph
+inputs/outputs, NCHW, or whose residual shape cannot be proven equal to the output's are left
+as they are. The output graph needs the kernel library loaded to run (``import
+tf_bf16.kernels``); run this pass last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
+
+from tf_bf16.transforms import graph as g
+from tf_bf16.transforms.context import TransformContext
+
+CONV_OP = "TfBf16Conv2D"
+MATMUL_OP = "TfBf16MatMul"
+# Contraction op -> the kernel op that replaces it.
+CONTRACTIONS = {"Conv2D": CONV_OP, "DepthwiseConv2dNative": CONV_OP, "MatMul": MATMUL_OP,
+                "BatchMatMul": MATMUL_OP, "BatchMatMulV2": MATMUL_OP}
+BIAS_OPS = frozenset({"BiasAdd", "BiasAddV1"})
+ADD_OPS = frozenset({"Add", "AddV2"})
+# Activation op -> its name in the kernels' ``fused_ops`` attr.
+ACTIVATIONS = {"Relu": "Relu", "Relu6": "Relu6", "Sigmoid": "Sigmoid"}
+
+
+@dataclasses.dataclass
+class _Chain:
+    """One contraction and the epilogue nodes fused into it."""
+
+    nodes: List[node_def_pb2.NodeDef]
+    fused_ops: List[str] = dataclasses.field(default_factory=list)
+    args: List[str] = dataclasses.field(default_factory=list)
+
+
+def fuse_kernels(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
+    """Rewrite BF16 contraction chains into tf_bf16's fused kernel ops; counts them in
+    ``context.kernel_nodes``."""
+    out = g.copy_graph(graph_def)
+    index = g.GraphIndex(out)
+    protected = context.plan.protected
+    shapes = _StaticShapes(graph_def)
+    removed: Set[str] = set()
+    replacements: Dict[str, node_def_pb2.NodeDef] = {}
+    new_consts: List[node_def_pb2.NodeDef] = []
+    for node in list(out.node):
+        if node.name in removed or not _is_candidate(node, protected, shapes):
+            continue
+        weights = _filter_input(node, index, new_consts)
+        if weights is None:
+            continue
+        chain = _grow(node, index, protected, shapes)
+        fused = _kernel_node(chain, weights, shapes)
+        removed.update(n.name for n in chain.nodes[:-1])
+        replacements[chain.nodes[-1].name] = fused
+    nodes = [replacements.get(n.name, n) for n in out.node if n.name not in removed]
+    context.kernel_nodes += len(replacements)
+    return g.rebuild(out, nodes + new_consts)
+
+
+def _is_candidate(node: node_def_pb2.NodeDef, protected: frozenset, shapes: "_StaticShapes") -> bool:
+    """A BF16 CPU contraction the kernels implement (NHWC convs; matmuls without batch broadcast)."""
+    if node.op not in CONTRACTIONS or node.name in protected or node.attr["T"].type != g.BFLOAT16:
+        return False
+    if not _on_cpu(node.device):
+        return False
+    if node.op in ("Conv2D", "DepthwiseConv2dNative"):
+        return node.attr["data_format"].s in (b"", b"NHWC")
+    if node.op == "MatMul":
+        return True
+    a, b = (shapes.of(g.canonical_tensor(s)) for s in node.input[:2])
+    # The kernel takes equal batch dims, or a rank-2 (shared) right-hand side.
+    return a is not None and b is not None and len(a) >= 3 and (len(b) == 2 or a[:-2] == b[:-2])
+
+
+def _on_cpu(device: str) -> bool:
+    return not device or "CPU" in device.upper().rsplit("/", 1)[-1]
+
+
+def _filter_input(node: node_def_pb2.NodeDef, index: g.GraphIndex,
+                  new_consts: List[node_def_pb2.NodeDef]) -> Optional[Tuple[str, bool]]:
+    """The kernel's weight input and whether it is a Const: the node's own, or a grouped-layout
+    copy for depthwise; None when the node cannot be rewritten.
+
+    A depthwise filter [kh, kw, C, m] is the grouped filter [kh, kw, 1, C*m] with C groups
+    (same bytes, output channel c*m + j); only a constant filter can be re-shaped offline.
+    """
+    if node.op != "DepthwiseConv2dNative":
+        return node.input[1], _is_const(node.input[1], index)
+    src = g.node_name(node.input[1])
+    producer = index.nodes.get(src)
+    if producer is None or producer.op != "Const":
+        return None
+    dims = [d.size for d in producer.attr["value"].tensor.tensor_shape.dim]
+    if len(dims) != 4:
+        return None
+    grouped = node_def_pb2.NodeDef()
+    grouped.CopyFrom(producer)
+    grouped.name = g.unique_name(index.nodes, f"{src}/grouped")
+    shape = grouped.attr["value"].tensor.tensor_shape
+    del shape.dim[:]
+    for size in (dims[0], dims[1], 1, dims[2] * dims[3]):
+        shape.dim.add(size=size)
+    new_consts.append(grouped)
+    index.nodes[grouped.name] = grouped   # so the next depthwise copy gets its own name
+    return grouped.name, True
+
+
+def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
+    """The one node that reads ``node``'s output (through a data edge on port 0, nothing else)."""
+    if node.name in protected or index.control_consumers(node.name):
+        return None
+    readers = index.consumers(node.name)
+    if len(readers) != 1 or index.output_ports(node.name) != [0]:
+        return None
+    reader, _ = readers[0]
+    return reader if reader.attr["T"].type == g.BFLOAT16 and reader.device == node.device else None
+
+
+def _grow(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset, shapes: "_StaticShapes") -> _Chain:
+    """``node`` plus, in this order, a BiasAdd, a residual Add and an activation it can absorb."""
+    chain = _Chain([node])
+    reader = _sole_reader(node, index, protected)
+    if reader is not None and reader.op in BIAS_OPS and g.node_name(reader.input[0]) == node.name \
+            and reader.attr["data_format"].s in (b"", b"NHWC") and _is_const(reader.input[1], index):
+        chain.nodes.append(reader)
+        chain.fused_ops.append("BiasAdd")
+        chain.args.append(reader.input[1])
+        reader = _sole_reader(reader, index, protected)
+    if reader is not None and reader.op in ADD_OPS:
+        other = _residual_input(reader, chain, index, shapes)
+        if other is not None:
+            chain.nodes.append(reader)
+            chain.fused_ops.append("Add")
+            chain.args.append(other)
+            reader = _sole_reader(reader, index, protected)
+    if reader is not None and reader.op in ACTIVATIONS:
+        chain.nodes.append(reader)
+        chain.fused_ops.append(ACTIVATIONS[reader.op])
+    return chain
+
+
+def _is_const(spec: str, index: g.GraphIndex) -> bool:
+    producer = index.nodes.get(g.node_name(spec))
+    return producer is not None and producer.op == "Const"
+
+
+def _residual_input(add: node_def_pb2.NodeDef, chain: _Chain, index: g.GraphIndex,
+                    shapes: "_StaticShapes") -> Optional[str]:
+    """The Add's other input when it is a same-shape residual (no broadcast, not a Const)."""
+    last = chain.nodes[-1].name
+    data = [s for s in add.input if not s.startswith("^")]
+    if len(data) != 2:
+        return None
+    mine = [i for i, s in enumerate(data) if g.node_name(s) == last]
+    if len(mine) != 1:
+        return None
+    other = data[1 - mine[0]]
+    if _is_const(other, index) or g.node_name(other) in {n.name for n in chain.nodes}:
+        return None
+    ours, theirs = shapes.of(g.tensor_name(last)), shapes.of(g.canonical_tensor(other))
+    return other if ours is not None and ours == theirs else None
+
+
+def _kernel_node(chain: _Chain, weights: Tuple[str, bool], shapes: "_StaticShapes") -> node_def_pb2.NodeDef:
+    """The fused kernel node for ``chain``, named after its last node."""
+    base, last = chain.nodes[0], chain.nodes[-1]
+    filter_input, constant = weights
+    attrs = {"T": attr_value_pb2.AttrValue(type=g.BFLOAT16),
+             "num_args": attr_value_pb2.AttrValue(i=len(chain.args)),
+             "fused_ops": attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(
+                 s=[op.encode() for op in chain.fused_ops])),
+             "weights_constant": attr_value_pb2.AttrValue(b=constant)}
+    if CONTRACTIONS[base.op] == CONV_OP:
+        for key in ("strides", "padding", "dilations"):
+            attrs[key] = base.attr[key]
+        if "explicit_paddings" in base.attr:
+            attrs["explicit_paddings"] = base.attr["explicit_paddings"]
+        attrs["groups"] = attr_value_pb2.AttrValue(i=_groups(base, shapes))
+    else:
+        transpose = ("transpose_a", "transpose_b") if base.op == "MatMul" else ("adj_x", "adj_y")
+        attrs["transpose_a"] = attr_value_pb2.AttrValue(b=base.attr[transpose[0]].b)
+        attrs["transpose_b"] = attr_value_pb2.AttrValue(b=base.attr[transpose[1]].b)
+    controls: List[str] = []
+    for node in chain.nodes:
+        controls.extend(s for s in node.input if s.startswith("^") and s not in controls)
+    inputs = [base.input[0], filter_input] + chain.args + controls
+    return g.make_node(CONTRACTIONS[base.op], last.name, inputs, attrs, device=base.device)
+
+
+def _groups(conv: node_def_pb2.NodeDef, shapes: "_StaticShapes") -> int:
+    """Depthwise: one group per input channel; Conv2D: input channels / filter input channels."""
+    src = shapes.of(g.canonical_tensor(conv.input[0]))
+    channels = src[-1] if src else None
+    if conv.op == "DepthwiseConv2dNative":
+        filt = shapes.of(g.canonical_tensor(conv.input[1]))
+        return int(filt[2]) if filt else int(channels or 1)
+    filt = shapes.of(g.canonical_tensor(conv.input[1]))
+    if channels and filt and filt[2] and channels != filt[2]:
+        return int(channels // filt[2])
+    return 1
+
+
+class _StaticShapes:
+    """Static tensor shapes from TensorFlow's shape inference, computed on first use."""
+
+    def __init__(self, graph_def: graph_pb2.GraphDef):
+        self._graph_def = graph_def
+        self._graph = None
+
+    def of(self, tensor: str) -> Optional[Sequence[Optional[int]]]:
+        """The shape of ``tensor`` ("node" or "node:k") as a list (None dims unknown); None if the rank is unknown."""
+        if self._graph is None:
+            import tensorflow as tf
+
+            self._graph = tf.Graph()
+            with self._graph.as_default():
+                tf.graph_util.import_graph_def(self._graph_def, name="")
+        name, port, _ = g.parse_input(tensor)
+        try:
+            shape = self._graph.get_operation_by_name(name).outputs[port].shape
+        except (KeyError, IndexError):
+            return None
+        return None if shape.rank is None else shape.as_list()
