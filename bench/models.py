@@ -30,9 +30,10 @@ flags.DEFINE_integer("bert_layers", 4, "Encoder layers of the BERT-base-like mod
 flags.DEFINE_integer("bert_vocab", 30522, "Vocabulary (embedding rows) of the BERT-base-like model.")
 flags.DEFINE_bool("trained_like", True, "Give biases and BatchNorm/LayerNorm weights seeded random values, so "
                   "Grappler cannot delete them as x+0 / x*1 (see bench.models_zoo.make_trained_like).")
-flags.DEFINE_list("variants", ["fp32", "tf_amp", "tf_bf16", "inc"],
-                  "Variants: fp32, fp32_cleaned, tf_amp, tf_amp_runtime, tf_bf16, inc (inc is skipped where "
-                  "neural-compressor-tf is not installed). fp32 is always run.")
+flags.DEFINE_list("variants", ["fp32", "tf_amp", "tf_bf16", "tf_bf16_kernels", "inc", "openvino_f32", "openvino_bf16"],
+                  "Variants: fp32, fp32_cleaned, tf_amp, tf_amp_runtime, tf_bf16, tf_bf16_kernels, inc, openvino_f32, "
+                  "openvino_bf16 (tf_bf16_kernels, inc and openvino_* are skipped where the kernel library, "
+                  "neural-compressor-tf or openvino is missing). fp32 is always run.")
 flags.DEFINE_string("out", None, "Also write the JSON lines to this file (truncated first).")
 flags.DEFINE_string("trace_out", None, "If set, also write per-op-type step-stats splits (bench.op_profile) "
                     "of every variant for the batches in --trace_batches to this file.")
@@ -87,16 +88,16 @@ def records_for(host: common.HostInfo, model_name: str, batch: int, threads: int
 
 
 def build_variants(model: Any, names: Sequence[str]) -> List[Any]:
-    """fp32 first, then the requested variants that can be built here (inc only where installed)."""
+    """fp32 first, then the requested variants that can be built here (optional ones only where installed)."""
     from bench import variants as variants_lib
 
     wanted = ["fp32"] + [n for n in names if n != "fp32"]
     built = []
     for name in wanted:
-        if name == "inc":
-            ok, why = variants_lib.inc_available()
+        if name in variants_lib.OPTIONAL:
+            ok, why = variants_lib.OPTIONAL[name]()
             if not ok:
-                logging.info("skipping variant inc: neural-compressor-tf not importable (%s)", why)
+                logging.info("skipping variant %s: %s", name, why)
                 continue
         start = time.perf_counter()
         built.append(variants_lib.make(name, model))

@@ -170,6 +170,8 @@ def profile_records(host: common.HostInfo, model_name: str, batch: int, threads:
     """One JSON record per variant with its per-op-type split (shared with ``bench.models --trace``)."""
     records = []
     for v in variants:
+        if not hasattr(v.model, "graph_def"):
+            continue   # not a TensorFlow graph (OpenVINO): no step stats to split
         config = common.session_config(threads, amp_runtime=v.amp_runtime)
         split = trace_variant(v.model.graph_def, v.model.input_names, v.model.output_names, feeds, config, runs)
         records.append({**host.fields(), "kind": "op_profile", "model": model_name, "batch": batch,

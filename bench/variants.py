@@ -9,9 +9,14 @@
   (what a user gets from TensorFlow alone); its counts are not known offline.
 * ``tf_bf16``: ``build_plan`` + ``pipeline.convert_graph`` (what ``MixedPrecision()`` does
   without tuning data; called directly so the benchmark host needs no PyYAML).
+* ``tf_bf16_kernels``: the same with ``kernels=True`` (tf_bf16's fused oneDNN ops), only where
+  the kernel library is built (``python -m tf_bf16.kernels.build``).
 * ``inc``: Intel Neural Compressor 3.x (``neural-compressor-tf``) BF16 rewrite, only where it
   is installed: its pre-optimization, then its ``BF16Convert`` on every node of the op types its
   own capability table lists as BF16 for this TensorFlow version.
+* ``openvino_f32`` / ``openvino_bf16``: OpenVINO (PyPI ``openvino``, a benchmark-only extra)
+  reading the same frozen FP32 GraphDef, compiled for the CPU with ``INFERENCE_PRECISION_HINT``
+  f32 / bf16 and the session's intra-op thread count; only where ``openvino`` imports.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import os
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "inc")
+VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "tf_bf16_kernels", "inc",
+            "openvino_f32", "openvino_bf16")
 
 
 @dataclasses.dataclass
@@ -81,18 +87,84 @@ def tf_amp_runtime(model: Any) -> Variant:
     return Variant("tf_amp_runtime", model.with_graph_def(model.graph_def), None, None, amp_runtime=True)
 
 
-def tf_bf16(model: Any) -> Variant:
+def tf_bf16(model: Any, kernels: bool = False) -> Variant:
     """tf_bf16's pipeline with the default plan for this TensorFlow's kernels."""
     from tf_bf16 import pipeline
     from tf_bf16.plan_builder import build_plan
 
     start = time.perf_counter()
     plan = build_plan(model.graph_def, model.input_names, model.output_names)
-    result = pipeline.convert_graph(model.graph_def, plan)
+    result = pipeline.convert_graph(model.graph_def, plan, kernels=kernels)
     seconds = time.perf_counter() - start
     stages = {k: round(v, 3) for k, v in result.seconds.items()}
-    return Variant("tf_bf16", model.with_graph_def(result.graph_def), _summary(model.graph_def, result.graph_def),
-                   seconds, extra={"convert_stages": stages})
+    extra = {"convert_stages": stages, **({"kernel_nodes": result.kernel_nodes} if kernels else {})}
+    return Variant("tf_bf16_kernels" if kernels else "tf_bf16", model.with_graph_def(result.graph_def),
+                   _summary(model.graph_def, result.graph_def), seconds, extra=extra)
+
+
+def kernels_available() -> Tuple[bool, str]:
+    """Whether tf_bf16's kernel library loads here, and why not."""
+    from tf_bf16 import kernels
+
+    if kernels.load_kernels() is None:
+        return False, f"{kernels.library_path()} is not built or does not load"
+    return True, ""
+
+
+def openvino_available() -> Tuple[bool, str]:
+    """Whether OpenVINO imports, and its version or why not."""
+    try:
+        openvino = importlib.import_module("openvino")
+        return True, str(openvino.__version__)
+    except Exception as exc:  # noqa: BLE001 - any import failure just means "no OpenVINO column"
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+class OpenVinoModel:
+    """A frozen GraphDef compiled by OpenVINO, run like ``tf_bf16.Model`` (feeds in input order).
+
+    Compiled on the first ``run``, with the thread count of the session config the benchmark
+    passes there, so it runs under the same thread budget as the TensorFlow variants.
+    """
+
+    def __init__(self, model: Any, precision: str):
+        self.model = model
+        self.precision = precision
+        self._compiled = None
+
+    def _compile(self, threads: int) -> Any:
+        import tempfile
+
+        import openvino as ov
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.pb")
+            with open(path, "wb") as f:
+                f.write(self.model.graph_def.SerializeToString())
+            converted = ov.convert_model(path, input=[f"{name}:0" for name in self.model.input_names],
+                                         output=[name if ":" in name else f"{name}:0" for name in self.model.output_names])
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        return ov.Core().compile_model(converted, "CPU", config)
+
+    def run(self, feeds: Any, session_config: Any = None) -> Any:
+        if self._compiled is None:
+            threads = getattr(session_config, "intra_op_parallelism_threads", 0) if session_config else 0
+            self._compiled = self._compile(int(threads))
+        result = self._compiled(list(feeds))
+        return [result[i] for i in range(len(self.model.output_names))]
+
+    def close(self) -> None:
+        """Drop the compiled model."""
+        self._compiled = None
+
+
+def openvino(model: Any, precision: str) -> Variant:
+    """OpenVINO on the FP32 frozen graph with the given inference precision hint (f32 or bf16)."""
+    _, version = openvino_available()
+    return Variant(f"openvino_{precision}", OpenVinoModel(model, precision), None, None,
+                   extra={"openvino_version": version})
 
 
 def inc_available() -> Tuple[bool, str]:
@@ -130,7 +202,13 @@ def inc(model: Any) -> Variant:
 
 
 BUILDERS: Mapping[str, Callable[[Any], Variant]] = {
-    "fp32": fp32, "fp32_cleaned": fp32_cleaned, "tf_amp": tf_amp, "tf_amp_runtime": tf_amp_runtime, "tf_bf16": tf_bf16, "inc": inc}
+    "fp32": fp32, "fp32_cleaned": fp32_cleaned, "tf_amp": tf_amp, "tf_amp_runtime": tf_amp_runtime, "tf_bf16": tf_bf16,
+    "tf_bf16_kernels": lambda model: tf_bf16(model, kernels=True), "inc": inc,
+    "openvino_f32": lambda model: openvino(model, "f32"), "openvino_bf16": lambda model: openvino(model, "bf16")}
+# Variants that need an optional package: name -> check returning (available, version or reason).
+OPTIONAL: Mapping[str, Callable[[], Tuple[bool, str]]] = {
+    "inc": inc_available, "tf_bf16_kernels": kernels_available,
+    "openvino_f32": openvino_available, "openvino_bf16": openvino_available}
 
 
 def make(name: str, model: Any) -> Variant:
