@@ -8,22 +8,27 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= test
+EXTRAS ?= test,kernels
 PYTEST_ARGS ?=
 EXAMPLE_MODEL := examples/digits_cnn
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test install example
+.PHONY: demo test install example kernels
 
-demo: $(STAMP)
+demo: $(STAMP) kernels
 	$(VENV_PY) -m tf_bf16 inspect --input_model=$(EXAMPLE_MODEL)
 	$(VENV_PY) examples/demo.py --input_model=$(EXAMPLE_MODEL)
 
-test: $(STAMP)
+test: $(STAMP) kernels
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS) tests
 
-install: $(STAMP)
+install: $(STAMP) kernels
+
+# Compile tf_bf16's optional oneDNN kernels when missing or out of date; a machine that cannot
+# (no g++ or oneDNN) prints why and carries on: everything else works without them.
+kernels: $(STAMP)
+	$(VENV_PY) -m tf_bf16.kernels.build --if-needed || echo "continuing without tf_bf16 kernels"
 
 # Retrain and re-export the bundled example SavedModel (deterministic, a few seconds).
 example: $(STAMP)

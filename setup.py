@@ -3,7 +3,9 @@
 ``transforms/`` and ``kernels/`` sit at the repository root but install as
 ``tf_bf16.transforms`` and ``tf_bf16.kernels``. Set ``TF_BF16_NO_TF_DEPENDENCY=1`` at install
 time to leave TensorFlow out of the requirements (for tensorflow-cpu or
-intel-tensorflow-avx512 users); the optional C++ kernels are not compiled yet.
+intel-tensorflow-avx512 users). The optional C++ kernels are compiled after installation
+against the TensorFlow installed then: ``pip install 'tf_bf16[kernels]'`` brings oneDNN,
+``python -m tf_bf16.kernels.build`` compiles them (``make install`` does both).
 """
 
 import os
@@ -63,7 +65,11 @@ setup(
         "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn"],
         "intel": ["intel-tensorflow-avx512"],
         "cpu": ["tensorflow-cpu"],
+        # oneDNN 3.2 with the OpenMP CPU runtime, for tf_bf16.kernels (newer PyPI oneDNN wheels
+        # are SYCL builds with no CPU engine).
+        "kernels": ["onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0"],
     },
+    package_data={"tf_bf16.kernels": ["*.cc", "*.h"]},
     entry_points={"console_scripts": ["tf-bf16 = tf_bf16.cli:run"]},
     classifiers=[
         "Programming Language :: Python :: 3",

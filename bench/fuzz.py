@@ -25,6 +25,7 @@ flags.DEFINE_integer("start", 0, "First seed.", lower_bound=0)
 flags.DEFINE_integer("count", 2000, "Number of graphs (seeds start .. start+count-1).", lower_bound=1)
 flags.DEFINE_bool("all", False, "Print a line for every graph, not only the failing ones.")
 flags.DEFINE_string("out", None, "Also write the JSON lines to this file (truncated first).")
+flags.DEFINE_bool("kernels", False, "Convert with kernels=True (tf_bf16's fused kernel ops; the library must be built).")
 
 
 def _quantiles(values: Sequence[float]) -> Dict[str, float]:
@@ -69,11 +70,11 @@ def main(argv: Sequence[str]) -> None:
     start = time.perf_counter()
     with common.JsonLines(FLAGS.out) as out:
         for seed in range(FLAGS.start, FLAGS.start + FLAGS.count):
-            result = rg.compare(rg.random_graph(seed))
+            result = rg.compare(rg.random_graph(seed), kernels=FLAGS.kernels)
             results.append(result)
             if FLAGS.all or result.failed:
                 out.emit({**host, "kind": "fuzz_graph", **result.to_dict()})
-        out.emit({**host, "kind": "fuzz_summary", "start": FLAGS.start, "draws_per_graph": rg.DRAWS,
+        out.emit({**host, "kind": "fuzz_summary", "kernels": FLAGS.kernels, "start": FLAGS.start, "draws_per_graph": rg.DRAWS,
                   **summarize(results, time.perf_counter() - start)})
 
 

@@ -431,17 +431,19 @@ def io_problems(case: RandomGraph, converted: Any) -> List[str]:
     return problems
 
 
-def convert(case: RandomGraph) -> Any:
-    """tf_bf16's conversion of ``case`` (a ``tf_bf16.Model``), targeting a Sapphire Rapids CPU."""
+def convert(case: RandomGraph, kernels: bool = False) -> Any:
+    """tf_bf16's conversion of ``case`` (a ``tf_bf16.Model``), targeting a Sapphire Rapids CPU;
+    ``kernels`` uses tf_bf16's fused kernel ops (the library must be built)."""
     from tf_bf16 import MixedPrecision, Model
 
-    converter = MixedPrecision(target="spr", env={})
+    converter = MixedPrecision(target="spr", env={}, kernels=kernels)
     converter.model = Model(case.graph_def, inputs=case.inputs, outputs=case.outputs)
     return converter()
 
 
-def compare(case: RandomGraph) -> Comparison:
-    """Convert ``case`` with tf_bf16 and with TF's AMP pass; errors of both against FP32."""
+def compare(case: RandomGraph, kernels: bool = False) -> Comparison:
+    """Convert ``case`` with tf_bf16 (with its kernels when ``kernels``) and with TF's AMP pass;
+    errors of both against FP32."""
     from tf_bf16.errors import TfBf16Error
     from tf_bf16.tf_amp import tf_amp_bf16
 
@@ -451,7 +453,7 @@ def compare(case: RandomGraph) -> Comparison:
         result.status, result.detail = "skipped", "FP32 output not finite"
         return result
     try:
-        converted = convert(case)
+        converted = convert(case, kernels)
     except TfBf16Error as e:
         result.status, result.detail = "refused", str(e)
         return result
