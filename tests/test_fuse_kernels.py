@@ -220,6 +220,25 @@ def test_converted_residual_block_runs_with_kernels_and_saves(library, tmp_path)
     np.testing.assert_array_equal(Model(path).run([x])[0], ours)   # the reloaded model loads the library itself
 
 
+def test_saved_model_with_kernels_loads_in_a_fresh_process(library, tmp_path):
+    """The SavedModel says it needs the library (assets.extra) and tf_bf16.Model loads it itself."""
+    import subprocess
+    import sys
+
+    converted = _mixed(_model(residual_block), True)
+    path = tmp_path / "fused_saved_model"
+    converted.save(str(path))
+    assert "tf_bf16.kernels" in (path / "assets.extra" / "tf_bf16_kernels.txt").read_text()
+    x = RNG.uniform(-1, 1, (2, 8, 8, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import numpy as np, sys; from tf_bf16 import Model; "
+              f"np.save(sys.argv[2], Model(sys.argv[1]).run([np.load(sys.argv[3])])[0])")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), converted.run([x])[0])
+
+
 def test_bert_like_matmuls_fuse_and_match(library):
     bert = zoo.bert_like(num_layers=1, seq_len=16, hidden=32, heads=2, intermediate=64, vocab=100)
     model = Model(bert)

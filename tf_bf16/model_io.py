@@ -161,11 +161,24 @@ def validate_graph(graph_def: graph_pb2.GraphDef, path: Optional[str]) -> None:
             if graph_lib.node_name(spec) not in names:
                 raise ModelLoadError(path, f"node {node.name!r} reads {spec!r}, which is not in the graph "
                                            "(truncated or incomplete GraphDef)")
+    _load_kernels_for(graph_def, path)
     sigs = graph_lib.OpSignatures(graph_def)
     unknown = sorted({n.op for n in graph_def.node if sigs.op_def(n.op) is None})
     if unknown:
         raise ModelLoadError(path, f"unknown op(s) {unknown}: not registered in this TensorFlow "
                                    "and not defined in the graph's function library")
+
+
+def _load_kernels_for(graph_def: graph_pb2.GraphDef, path: Optional[str]) -> None:
+    """Register tf_bf16's kernel ops when the graph uses them (a model converted with kernels=True)."""
+    from tf_bf16 import kernels
+
+    if not kernels.uses_kernels(graph_def):
+        return
+    try:
+        kernels.require()
+    except ModelLoadError as exc:
+        raise ModelLoadError(path, f"the model uses tf_bf16's fused kernel ops, but {exc.problem}") from exc
 
 
 # ----------------------------------------------------------------------------- SavedModel
@@ -488,6 +501,25 @@ def write_text_atomically(path: str, text: str) -> None:
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+KERNELS_NOTE = "tf_bf16_kernels.txt"   # in assets.extra/ of a SavedModel that uses the kernel ops
+
+
+def _record_kernel_requirement(graph_def: graph_pb2.GraphDef, saved_model_dir: str) -> None:
+    """Say in ``assets.extra/`` that the SavedModel needs tf_bf16's kernel library to load."""
+    import tensorflow as tf
+
+    from tf_bf16 import kernels
+
+    if not kernels.uses_kernels(graph_def):
+        return
+    extra = os.path.join(saved_model_dir, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    with tf.io.gfile.GFile(os.path.join(extra, KERNELS_NOTE), "w") as f:
+        f.write("This SavedModel uses tf_bf16's fused kernel ops (TfBf16*). Before loading it, run\n"
+                "    import tf_bf16.kernels; tf_bf16.kernels.require()\n"
+                "(tf_bf16.Model does this itself); build the library with: python -m tf_bf16.kernels.build\n")
+
+
 def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) -> None:
     """Write a SavedModel (tag ``serve``) whose signature keys, names, dtypes and shapes are ``signature``'s.
 
@@ -533,6 +565,7 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) 
                 builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={k: sig_def for k in keys},
                                                      strip_default_attrs=False)
                 builder.save()
+        _record_kernel_requirement(graph_def, tmp)
         _replace_dir(tmp, path)
     except Exception as exc:
         if tf.io.gfile.exists(tmp):
