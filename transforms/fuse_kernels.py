@@ -19,14 +19,13 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import StaticShapes, activation_region, is_const, keeps_last_dim
+from tf_bf16.transforms.patterns import BIAS_OPS, StaticShapes, activation_region, is_const, keeps_last_dim
 
 CONV_OP = "TfBf16Conv2D"
 MATMUL_OP = "TfBf16MatMul"
 # Contraction op -> the kernel op that replaces it.
 CONTRACTIONS = {"Conv2D": CONV_OP, "DepthwiseConv2dNative": CONV_OP, "MatMul": MATMUL_OP,
                 "BatchMatMul": MATMUL_OP, "BatchMatMulV2": MATMUL_OP}
-BIAS_OPS = frozenset({"BiasAdd", "BiasAddV1"})
 ADD_OPS = frozenset({"Add", "AddV2"})
 # Activation op -> its name in the kernels' ``fused_ops`` attr.
 ACTIVATIONS = {"Relu": "Relu", "Relu6": "Relu6", "Sigmoid": "Sigmoid"}

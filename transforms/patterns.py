@@ -12,6 +12,8 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 
+BIAS_OPS = frozenset({"BiasAdd", "BiasAddV1"})
+
 # Element-wise ops an activation written out in several nodes is made of (Keras' exact GELU is
 # 0.5*x*erfc(-x/sqrt 2), the tanh form uses Pow/Tanh, swish is x*sigmoid(x)). Which function
 # such a region computes is decided by evaluating it.

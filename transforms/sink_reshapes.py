@@ -17,9 +17,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import StaticShapes, activation_region, is_const, keeps_last_dim
-
-BIAS_OPS = frozenset({"BiasAdd", "BiasAddV1"})
+from tf_bf16.transforms.patterns import BIAS_OPS, StaticShapes, activation_region, is_const, keeps_last_dim
 # Single-op activations TensorFlow's remapper fuses into a MatMul.
 ACTIVATIONS = frozenset({"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"})
 
