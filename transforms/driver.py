@@ -31,6 +31,7 @@ def _registry() -> Mapping[str, Transform]:
     from tf_bf16.transforms.function_bodies import convert_function_bodies
     from tf_bf16.transforms.fuse_kernels import fuse_kernels
     from tf_bf16.transforms.remove_identity import remove_identity
+    from tf_bf16.transforms.residual_addn import residual_addn
     from tf_bf16.transforms.sink_reshapes import sink_reshapes
     from tf_bf16.transforms.strip_unused import strip_unused
 
@@ -40,6 +41,7 @@ def _registry() -> Mapping[str, Transform]:
         "fold_constants": fold_constants,
         "fold_batch_norms": fold_batch_norms,
         "sink_reshapes": sink_reshapes,
+        "residual_addn": residual_addn,
         "bf16_convert": bf16_convert,
         "fold_casts": fold_casts,
         "convert_function_bodies": convert_function_bodies,

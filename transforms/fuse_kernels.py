@@ -26,7 +26,7 @@ MATMUL_OP = "TfBf16MatMul"
 # Contraction op -> the kernel op that replaces it.
 CONTRACTIONS = {"Conv2D": CONV_OP, "DepthwiseConv2dNative": CONV_OP, "MatMul": MATMUL_OP,
                 "BatchMatMul": MATMUL_OP, "BatchMatMulV2": MATMUL_OP}
-ADD_OPS = frozenset({"Add", "AddV2"})
+ADD_OPS = frozenset({"Add", "AddV2", "AddN"})   # AddN: the two-input residual residual_addn writes
 # Activation op -> its name in the kernels' ``fused_ops`` attr.
 ACTIVATIONS = {"Relu": "Relu", "Relu6": "Relu6", "Sigmoid": "Sigmoid"}
 

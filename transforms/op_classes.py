@@ -125,7 +125,7 @@ MAX_BF16_ACCUMULATION = 9
 # residual add, batch norm), whose fused BF16 kernels round once for the whole pattern.
 # Nonlinear activations, reductions, Softmax and other arithmetic go BF16 only between islands.
 ISLAND_EPILOGUE_OPS: FrozenSet[str] = frozenset({
-    "BiasAdd", "BiasAddV1", "Add", "AddV2", "FusedBatchNormV2", "FusedBatchNormV3", "_FusedBatchNormEx",
+    "BiasAdd", "BiasAddV1", "Add", "AddV2", "AddN", "FusedBatchNormV2", "FusedBatchNormV3", "_FusedBatchNormEx",
 })
 
 # Type attrs that may hold float32 but must stay FP32 even when the node goes BF16 (batch-norm
