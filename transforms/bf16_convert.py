@@ -110,7 +110,7 @@ class _Conversion:
                 reason = "graph input/output keeps its dtype"
             elif name in control_flow:
                 reason = control_flow[name]
-            elif not on_cpu(node.device):
+            elif not g.on_cpu(node.device):
                 reason = f"placed on {node.device}: tf_bf16 converts CPU nodes only"
             elif self.sigs.is_function(node.op) or node.op in CALL_OPS:
                 reason = "function call: its arguments and results stay FP32 (the body is converted on its own)"
@@ -425,7 +425,7 @@ class _Conversion:
                 suffix = "CastToBf16" if want == g.BFLOAT16 else "CastToFp32"
                 cast_name = g.unique_name(existing, f"{src}/{suffix}" + (f"_{port}" if port else ""))
                 # The Cast runs beside the BF16 side, which is always on the CPU.
-                device = producer.device if on_cpu(producer.device) else node.device
+                device = producer.device if g.on_cpu(producer.device) else node.device
                 cast = g.make_cast(cast_name, g.tensor_name(src, port), have, want, device=device)
                 existing[cast_name] = cast
                 new_nodes.append(cast)
@@ -485,18 +485,6 @@ def _reach(roots: List[Vertex], step: Dict[Vertex, List[Vertex]], within: Set[Ve
             seen.add(v)
             stack.extend(w for w in step.get(v, ()) if w in within)
     return seen
-
-
-def on_cpu(device: str) -> bool:
-    """Whether a node's requested device is the CPU (an empty device is placed there too)."""
-    if not device:
-        return True
-    from tensorflow.python.framework.device_spec import DeviceSpecV2
-    try:
-        kind = DeviceSpecV2.from_string(device).device_type
-    except ValueError:
-        return False
-    return kind is None or kind.upper() == "CPU"
 
 
 def accumulated_terms(node: node_def_pb2.NodeDef, index: g.GraphIndex) -> Optional[int]:

@@ -19,7 +19,8 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import BIAS_OPS, StaticShapes, activation_region, is_const, keeps_last_dim
+from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, data_readers, is_const,
+                                         keeps_last_dim)
 
 CONV_OP = "TfBf16Conv2D"
 MATMUL_OP = "TfBf16MatMul"
@@ -52,10 +53,11 @@ def fuse_kernels(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gr
     removed: Set[str] = set()
     replacements: Dict[str, List[node_def_pb2.NodeDef]] = {}
     new_consts: List[node_def_pb2.NodeDef] = []
+    taken: Dict[str, object] = dict(index.nodes)   # node names in use, including the Consts this pass adds
     for node in list(out.node):
         if node.name in claimed or not _is_candidate(node, protected, shapes):
             continue
-        weights = _filter_input(node, index, new_consts)
+        weights = _filter_input(node, index, new_consts, taken)
         if weights is None:
             continue
         chain = _grow(node, index, protected | claimed, shapes)
@@ -76,7 +78,7 @@ def _is_candidate(node: node_def_pb2.NodeDef, protected: frozenset, shapes: "Sta
     """A BF16 CPU contraction the kernels implement (NHWC convs; matmuls without batch broadcast)."""
     if node.op not in CONTRACTIONS or node.name in protected or node.attr["T"].type != g.BFLOAT16:
         return False
-    if not _on_cpu(node.device):
+    if not g.on_cpu(node.device):
         return False
     if node.op in ("Conv2D", "DepthwiseConv2dNative"):
         return node.attr["data_format"].s in (b"", b"NHWC")
@@ -87,12 +89,8 @@ def _is_candidate(node: node_def_pb2.NodeDef, protected: frozenset, shapes: "Sta
     return a is not None and b is not None and len(a) >= 3 and (len(b) == 2 or a[:-2] == b[:-2])
 
 
-def _on_cpu(device: str) -> bool:
-    return not device or "CPU" in device.upper().rsplit("/", 1)[-1]
-
-
-def _filter_input(node: node_def_pb2.NodeDef, index: g.GraphIndex,
-                  new_consts: List[node_def_pb2.NodeDef]) -> Optional[Tuple[str, bool]]:
+def _filter_input(node: node_def_pb2.NodeDef, index: g.GraphIndex, new_consts: List[node_def_pb2.NodeDef],
+                  taken: Dict[str, object]) -> Optional[Tuple[str, bool]]:
     """The kernel's weight input and whether it is a Const: the node's own, or a grouped-layout
     copy for depthwise; None when the node cannot be rewritten.
 
@@ -110,8 +108,8 @@ def _filter_input(node: node_def_pb2.NodeDef, index: g.GraphIndex,
         return None
     grouped = node_def_pb2.NodeDef()
     grouped.CopyFrom(producer)
-    taken = dict(index.nodes, **{n.name: n for n in new_consts})
     grouped.name = g.unique_name(taken, f"{src}/grouped")
+    taken[grouped.name] = grouped
     shape = grouped.attr["value"].tensor.tensor_shape
     del shape.dim[:]
     for size in (dims[0], dims[1], 1, dims[2] * dims[3]):
@@ -121,13 +119,12 @@ def _filter_input(node: node_def_pb2.NodeDef, index: g.GraphIndex,
 
 
 def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
-    """The one node that reads ``node``'s output (through a data edge on port 0, nothing else)."""
-    if node.name in protected or index.control_consumers(node.name):
+    """The one BF16 node on the same device that reads ``node``'s output (through a data edge on
+    port 0, nothing else), when neither is protected or taken by another chain."""
+    readers = data_readers(node, index, protected)
+    if readers is None or len(readers) != 1:
         return None
-    readers = index.consumers(node.name)
-    if len(readers) != 1 or index.output_ports(node.name) != [0]:
-        return None
-    reader, _ = readers[0]
+    reader = readers[0]
     if reader.name in protected or reader.attr["T"].type != g.BFLOAT16 or reader.device != node.device:
         return None
     return reader

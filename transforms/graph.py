@@ -298,6 +298,18 @@ def set_slot_dtype(node: node_def_pb2.NodeDef, slot: TypeSlot, dtype: int) -> No
 # node builders
 # --------------------------------------------------------------------------------------
 
+def on_cpu(device: str) -> bool:
+    """Whether a node's requested device is the CPU (an empty device is placed there too)."""
+    if not device:
+        return True
+    from tensorflow.python.framework.device_spec import DeviceSpecV2
+    try:
+        kind = DeviceSpecV2.from_string(device).device_type
+    except ValueError:
+        return False
+    return kind is None or kind.upper() == "CPU"
+
+
 def make_const(name: str, value: np.ndarray, dtype: Optional[int] = None, device: str = "") -> node_def_pb2.NodeDef:
     """A Const node holding ``value`` (as ``dtype`` when given, e.g. DT_BFLOAT16)."""
     node = node_def_pb2.NodeDef(name=name, op="Const", device=device)

@@ -101,13 +101,13 @@ def activation_region(start: node_def_pb2.NodeDef, index: g.GraphIndex, protecte
     rounding, is more accurate than the nodes it replaces.
     """
     entry, casts = start, []
-    readers = _data_readers(start, index, protected)
+    readers = data_readers(start, index, protected)
     if readers is None:
         return None
     if dtype == g.BFLOAT16 and len(readers) == 1 and _is_cast(readers[0], g.BFLOAT16, g.FLOAT):
         entry, dtype = readers[0], g.FLOAT
         casts.append(entry)
-        if _data_readers(entry, index, protected) is None:
+        if data_readers(entry, index, protected) is None:
             return None
     region = _grow_region(entry, dtype, index, protected)
     if not 2 <= len(region) <= MAX_REGION_NODES:
@@ -118,10 +118,12 @@ def activation_region(start: node_def_pb2.NodeDef, index: g.GraphIndex, protecte
              if any(r.name not in region for r, _ in index.consumers(n.name)) or not index.consumers(n.name)]
     if len(sinks) != 1 or any(index.control_consumers(n) for n in region if n != sinks[0].name):
         return None
-    ordered = [n for n in index.topological_order() if n.name in region]
+    # The result last; the other nodes in any order (the kernel replaces them all, and
+    # evaluating them imports them as a GraphDef, which needs no order).
+    ordered = [n for n in region.values() if n is not sinks[0]] + [sinks[0]]
     back: List[node_def_pb2.NodeDef] = []
     if casts:
-        back = _data_readers(sinks[0], index, protected) or []
+        back = data_readers(sinks[0], index, protected) or []
         if len(back) != 1 or not _is_cast(back[0], g.FLOAT, g.BFLOAT16) or back[0].name in protected:
             return None
     function = _identify(entry, ordered, index)
@@ -130,7 +132,7 @@ def activation_region(start: node_def_pb2.NodeDef, index: g.GraphIndex, protecte
     return Region(casts + ordered + back, function)
 
 
-def _data_readers(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[List[node_def_pb2.NodeDef]]:
+def data_readers(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[List[node_def_pb2.NodeDef]]:
     """The nodes reading ``node``'s one output; None when anything else depends on it."""
     if node.name in protected or index.control_consumers(node.name) or index.output_ports(node.name) != [0]:
         return None

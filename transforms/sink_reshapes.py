@@ -17,7 +17,8 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import BIAS_OPS, StaticShapes, activation_region, is_const, keeps_last_dim
+from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, data_readers, is_const,
+                                         keeps_last_dim)
 # Single-op activations TensorFlow's remapper fuses into a MatMul.
 ACTIVATIONS = frozenset({"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"})
 
@@ -87,7 +88,5 @@ def _chain(matmul: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozens
 
 def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
     """The one node reading ``node`` (data edge on port 0, no control edges, not a graph output)."""
-    if node.name in protected or index.control_consumers(node.name) or index.output_ports(node.name) != [0]:
-        return None
-    readers = index.consumers(node.name)
-    return readers[0][0] if len(readers) == 1 else None
+    readers = data_readers(node, index, protected)
+    return readers[0] if readers is not None and len(readers) == 1 else None
