@@ -109,6 +109,7 @@ def trace_variant(graph_def: Any, input_names: Sequence[str], output_names: Sequ
     by_op: Dict[str, Dict[str, float]] = collections.defaultdict(lambda: {"ms": 0.0, "count": 0})
     walls: List[float] = []
     node_info: Dict[str, Any] = {}
+    fused_labels: Dict[str, str] = {}
     with tf.compat.v1.Session(graph=graph, config=config) as sess:
         for _ in range(warmup):
             sess.run(fetches, feed_dict)
@@ -119,6 +120,8 @@ def trace_variant(graph_def: Any, input_names: Sequence[str], output_names: Sequ
             walls.append((time.perf_counter() - start) * 1e3)
             if not node_info:
                 node_info = {n.name: (n.op, _dtype_of(n)) for g in meta.partition_graphs for n in g.node}
+                fused_labels = {n.name: _fusion_label(n) for g in meta.partition_graphs for n in g.node
+                                if n.op.startswith("_") and category(n.op) != "other"}
             for dev in meta.step_stats.dev_stats:
                 for ns in dev.node_stats:
                     op, dtype = node_info.get(ns.node_name, (_label_op(ns.timeline_label, ns.node_name), ""))
@@ -129,10 +132,17 @@ def trace_variant(graph_def: Any, input_names: Sequence[str], output_names: Sequ
     cats: Dict[str, float] = collections.defaultdict(float)
     for key, value in per_run.items():
         cats[category(key.split("[")[0])] += value["ms"]
-    fused = collections.Counter(op for op, _ in node_info.values() if op.startswith("_") and category(op) != "other")
+    fused = collections.Counter(label for label in fused_labels.values())
     casts = sum(v["count"] for k, v in per_run.items() if k.split("[")[0] in CAST_OPS)
     return OpSplit(statistics.median(walls), sum(v["ms"] for v in per_run.values()), dict(per_run), dict(cats),
                    casts, dict(fused))
+
+
+def _fusion_label(node: Any) -> str:
+    """A fused op with what it fused and its dtype: ``_MklNativeFusedMatMul[BiasAdd,GeluExact](bf16)``."""
+    parts = [s.decode() for s in node.attr["fused_ops"].list.s] if "fused_ops" in node.attr else []
+    dtype = _dtype_of(node)
+    return node.op + (f"[{','.join(parts)}]" if parts else "") + (f"({dtype})" if dtype else "")
 
 
 def _label_op(label: str, name: str) -> str:

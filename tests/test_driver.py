@@ -42,7 +42,8 @@ def test_registry_is_immutable_and_holds_every_stage():
     assert staged <= set(driver.TRANSFORMS)
     assert set(driver.TRANSFORMS) - staged == set()   # every registered pass is used by the pipeline
     assert pipeline.CLEAN_UP == ("strip_unused", "remove_identity", "fold_constants", "fold_batch_norms",
-                                 "sink_reshapes", "residual_addn", "strip_unused")
+                                 "sink_reshapes", "residual_addn", "fuse_layer_norm", "transpose_matmul",
+                                 "strip_unused")
     with pytest.raises(TypeError):
         driver.TRANSFORMS["mine"] = lambda g, c: g  # type: ignore[index]
 

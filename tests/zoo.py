@@ -97,6 +97,33 @@ def bert_like(num_layers: int = 4, seq_len: int = 128, hidden: int = 256, heads:
     return keras.Model(tokens, [sequence_output, probs], name=f"bert_like_{num_layers}")
 
 
+def make_trained_like(model: Any, seed: int = 1) -> int:
+    """Give constant-initialised weights (biases, BatchNorm/LayerNorm parameters and statistics) seeded
+    random values near their initial ones; returns how many variables changed.
+
+    Straight after ``weights=None`` initialisation every bias is 0 and every BatchNorm is
+    x * 1/sqrt(1+eps) + 0, so TensorFlow's Grappler deletes those nodes as ``x + 0`` and folds
+    the scale into the filter: the FP32 ResNet50 then runs 52 bare Conv2D with no BiasAdd, which
+    no trained model allows, and fusions such as ``_FusedConv2D`` never show up.
+    """
+    rng = np.random.default_rng(seed)
+    changed = 0
+    for weight in model.weights:
+        value = np.asarray(weight.numpy())
+        if not value.size or not np.issubdtype(value.dtype, np.floating):
+            continue
+        first = float(value.flat[0])
+        if first not in (0.0, 1.0) or not np.all(value == first):
+            continue
+        if first == 0.0:
+            new = rng.normal(0.0, 0.05, value.shape)
+        else:
+            new = rng.uniform(0.5, 1.5, value.shape)
+        weight.assign(new.astype(value.dtype))
+        changed += 1
+    return changed
+
+
 def keras_model(name: str) -> keras.Model:
     """A fresh, deterministic Keras model by zoo name (see ``NAMES``)."""
     if name in _BERTS:

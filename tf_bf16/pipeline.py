@@ -25,7 +25,7 @@ from tf_bf16.transforms.plan import PrecisionPlan
 
 # Strip again at the end of clean-up to drop what folding left unreferenced.
 CLEAN_UP: Tuple[str, ...] = ("strip_unused", "remove_identity", "fold_constants", "fold_batch_norms", "sink_reshapes",
-                             "residual_addn", "strip_unused")
+                             "residual_addn", "fuse_layer_norm", "transpose_matmul", "strip_unused")
 INT8: Tuple[str, ...] = ()
 BF16: Tuple[str, ...] = ("bf16_convert",)
 CAST_FOLDING: Tuple[str, ...] = ("fold_casts",)  # also drops nodes the Casts' removal left dead

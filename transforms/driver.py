@@ -30,10 +30,12 @@ def _registry() -> Mapping[str, Transform]:
     from tf_bf16.transforms.fold_constants import fold_constants
     from tf_bf16.transforms.function_bodies import convert_function_bodies
     from tf_bf16.transforms.fuse_kernels import fuse_kernels
+    from tf_bf16.transforms.fuse_layer_norm import fuse_layer_norm
     from tf_bf16.transforms.remove_identity import remove_identity
     from tf_bf16.transforms.residual_addn import residual_addn
     from tf_bf16.transforms.sink_reshapes import sink_reshapes
     from tf_bf16.transforms.strip_unused import strip_unused
+    from tf_bf16.transforms.transpose_matmul import transpose_matmul
 
     return types.MappingProxyType({
         "strip_unused": strip_unused,
@@ -42,6 +44,8 @@ def _registry() -> Mapping[str, Transform]:
         "fold_batch_norms": fold_batch_norms,
         "sink_reshapes": sink_reshapes,
         "residual_addn": residual_addn,
+        "fuse_layer_norm": fuse_layer_norm,
+        "transpose_matmul": transpose_matmul,
         "bf16_convert": bf16_convert,
         "fold_casts": fold_casts,
         "convert_function_bodies": convert_function_bodies,
