@@ -20,7 +20,7 @@ LAYERS = (
     ("errors",),
     ("transforms.*",),
     ("config", "capability", "metrics", "common", "data", "model_io", "model", "report", "inventory",
-     "plan_builder", "pipeline", "sensitivity", "tf_amp"),
+     "plan_builder", "pipeline", "sensitivity", "tf_amp", "calibration"),
     ("evaluation", "tuning"),
     ("mixed_precision", "experimental", "__init__"),
     ("cli", "__main__"),

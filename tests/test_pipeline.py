@@ -23,9 +23,9 @@ def test_stages_are_registered_and_in_pipeline_order():
     assert list(pipeline.STAGES) == ["clean_up", "int8", "bf16", "cast_folding", "kernels", "function_bodies"]
     for names in pipeline.STAGES.values():
         driver.check_names(names)            # every stage names registered passes
-    assert pipeline.CONVERSION == pipeline.INT8 + pipeline.BF16 + pipeline.CAST_FOLDING + pipeline.FUNCTION_BODIES
-    assert pipeline.conversion(kernels=True) == (pipeline.INT8 + pipeline.BF16 + pipeline.CAST_FOLDING
-                                                 + pipeline.KERNELS + pipeline.FUNCTION_BODIES)
+    assert pipeline.CONVERSION == pipeline.BF16 + pipeline.CAST_FOLDING + pipeline.FUNCTION_BODIES
+    assert pipeline.conversion(kernels=True, int8=True) == (pipeline.INT8 + pipeline.BF16 + pipeline.CAST_FOLDING
+                                                            + pipeline.KERNELS + pipeline.FUNCTION_BODIES)
     assert pipeline.BODY_TRANSFORMS == pipeline.BF16 + pipeline.CAST_FOLDING
 
 

@@ -41,11 +41,11 @@ def test_fields_are_frozen_and_copied():
 @pytest.mark.parametrize("field, value", [
     ("node_precisions", {"conv": "fp16"}),
     ("node_precisions", {"conv": "BF16"}),
-    ("op_type_precisions", {"Conv2D": "int8"}),
+    ("op_type_precisions", {"Conv2D": "INT8"}),
     ("op_type_precisions", {"Conv2D": None}),
 ])
 def test_bad_precision_refused(field, value):
-    """Only 'fp32' and 'bf16' are accepted; the error names the field and the bad entry."""
+    """Only 'int8', 'bf16' and 'fp32' are accepted; the error names the field and the bad entry."""
     with pytest.raises(ValueError, match=field) as info:
         PrecisionPlan(**{field: value})
     assert "Conv2D" in str(info.value) or "conv" in str(info.value)
@@ -118,3 +118,14 @@ def test_kernel_has_bf16_with_table():
     assert not plan.kernel_has_bf16("Erf", "T")
     assert not plan.kernel_has_bf16("Conv2D", "T")
     assert PrecisionPlan(bf16_kernel_attrs={}).kernel_has_bf16("MatMul", "T") is False
+
+
+def test_quantization_spec_is_frozen_and_checks_granularity():
+    from tf_bf16.transforms.plan import QuantizationSpec
+
+    spec = QuantizationSpec({"conv": (0.0, 6.0)})
+    with pytest.raises(TypeError):
+        spec.ranges["other"] = (0.0, 1.0)  # type: ignore[index]
+    with pytest.raises(ValueError, match="weight_granularity"):
+        QuantizationSpec({}, weight_granularity="per_row")
+    assert PrecisionPlan(node_precisions={"conv": "int8"}).forced("conv", "Conv2D") == "int8"

@@ -1,7 +1,7 @@
 """The conversion pipeline: registered passes by name, in stages.
 
-Stages run in order: generic FP32 clean-up, INT8 generation (empty until the INT8 stage
-lands), BF16 painting, cast folding, the optional kernel rewrite (tf_bf16's fused oneDNN ops,
+Stages run in order: generic FP32 clean-up, INT8 generation (only for a plan with calibrated
+ranges: ``tf_bf16.quantization``), BF16 painting, cast folding, the optional kernel rewrite (tf_bf16's fused oneDNN ops,
 only when asked for), then the library functions' bodies (each body goes through the BF16
 and cast-folding stages on its own). A new pass is one file in
 ``transforms/``, one line in the driver's registry and its name in a stage here. The
@@ -26,7 +26,7 @@ from tf_bf16.transforms.plan import PrecisionPlan
 # Strip again at the end of clean-up to drop what folding left unreferenced.
 CLEAN_UP: Tuple[str, ...] = ("strip_unused", "remove_identity", "fold_constants", "fold_batch_norms", "sink_reshapes",
                              "residual_addn", "fuse_layer_norm", "transpose_matmul", "strip_unused")
-INT8: Tuple[str, ...] = ()
+INT8: Tuple[str, ...] = ("quantize", "strip_unused")   # only when the plan carries calibrated ranges
 BF16: Tuple[str, ...] = ("bf16_convert",)
 CAST_FOLDING: Tuple[str, ...] = ("fold_casts",)  # also drops nodes the Casts' removal left dead
 KERNELS: Tuple[str, ...] = ("fuse_kernels",)   # only with kernels=True: the graph then needs tf_bf16.kernels
@@ -40,9 +40,10 @@ STAGES: Mapping[str, Tuple[str, ...]] = {
 }
 
 
-def conversion(kernels: bool = False) -> Tuple[str, ...]:
-    """The passes after clean-up (what the tuner re-runs), with the kernel rewrite when asked."""
-    return INT8 + BF16 + CAST_FOLDING + (KERNELS if kernels else ()) + FUNCTION_BODIES
+def conversion(kernels: bool = False, int8: bool = False) -> Tuple[str, ...]:
+    """The passes after clean-up (what the tuner re-runs), with the INT8 stage and the kernel
+    rewrite when asked."""
+    return (INT8 if int8 else ()) + BF16 + CAST_FOLDING + (KERNELS if kernels else ()) + FUNCTION_BODIES
 
 
 CONVERSION: Tuple[str, ...] = conversion()
@@ -60,6 +61,7 @@ class ConversionResult:
     consts_converted: int = 0
     functions: Dict[str, FunctionReport] = dataclasses.field(default_factory=dict)
     kernel_nodes: int = 0
+    int8_nodes: frozenset = frozenset()
 
 
 def new_context(plan: PrecisionPlan) -> TransformContext:
@@ -99,10 +101,10 @@ def convert_cleaned(cleaned: graph_pb2.GraphDef, plan: PrecisionPlan, kernels: b
     """
     t0 = time.perf_counter()
     context = new_context(plan)
-    converted = run(cleaned, context, conversion(kernels))
+    converted = run(cleaned, context, conversion(kernels, int8=plan.quantization is not None))
     return ConversionResult(converted, cleaned, context.fp32_reasons(), context.bf16_nodes(),
                             {"convert": time.perf_counter() - t0}, context.consts_converted, dict(context.functions),
-                            context.kernel_nodes)
+                            context.kernel_nodes, frozenset(context.int8_nodes))
 
 
 def convert_graph(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan, kernels: bool = False) -> ConversionResult:

@@ -54,6 +54,7 @@ class TransformContext:
     decisions: Dict[str, Decision] = dataclasses.field(default_factory=dict)
     consts_converted: int = 0
     kernel_nodes: int = 0
+    int8_nodes: set = dataclasses.field(default_factory=set)   # float nodes the INT8 stage replaced
     functions: Dict[str, FunctionReport] = dataclasses.field(default_factory=dict)
 
     def for_body(self, inputs: Sequence[str], outputs: Sequence[str]) -> "TransformContext":

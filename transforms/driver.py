@@ -31,6 +31,7 @@ def _registry() -> Mapping[str, Transform]:
     from tf_bf16.transforms.function_bodies import convert_function_bodies
     from tf_bf16.transforms.fuse_kernels import fuse_kernels
     from tf_bf16.transforms.fuse_layer_norm import fuse_layer_norm
+    from tf_bf16.transforms.quantize import quantize
     from tf_bf16.transforms.remove_identity import remove_identity
     from tf_bf16.transforms.residual_addn import residual_addn
     from tf_bf16.transforms.sink_reshapes import sink_reshapes
@@ -46,6 +47,7 @@ def _registry() -> Mapping[str, Transform]:
         "residual_addn": residual_addn,
         "fuse_layer_norm": fuse_layer_norm,
         "transpose_matmul": transpose_matmul,
+        "quantize": quantize,
         "bf16_convert": bf16_convert,
         "fold_casts": fold_casts,
         "convert_function_bodies": convert_function_bodies,

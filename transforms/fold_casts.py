@@ -5,7 +5,9 @@ Three exact rewrites, repeated until none applies:
   becomes one Cast, or nothing when it converts back to the original dtype;
 * Casts of the same tensor to the same dtype are merged into one;
 * a Cast of a Const becomes a Const of the target dtype (unless the Const is a declared
-  graph input, which callers feed).
+  graph input, which callers feed);
+* a Cast to bfloat16 of a float ``Dequantize`` becomes a ``Dequantize`` straight to bfloat16
+  (INT8 values dequantize to BF16 with one rounding either way).
 Nodes left without consumers by these rewrites are removed. Graph inputs and outputs keep
 their names and dtypes.
 """
@@ -41,6 +43,7 @@ def fold_casts(graph_def: graph_pb2.GraphDef, context: TransformContext) -> grap
         changed = _fold_cast_chains(out, protected)
         changed |= _merge_duplicate_casts(out, protected)
         changed |= _fold_const_casts(out, protected)
+        changed |= _fold_dequantize_casts(out, protected)
         if not changed:
             break
         out = _drop_dead(out, protected, plan.outputs)
@@ -131,6 +134,25 @@ def _fold_const_casts(graph_def: graph_pb2.GraphDef, protected) -> bool:
         node.attr.clear()
         node.attr["dtype"].CopyFrom(folded.attr["dtype"])
         node.attr["value"].CopyFrom(folded.attr["value"])
+        changed = True
+    return changed
+
+
+def _fold_dequantize_casts(graph_def: graph_pb2.GraphDef, protected) -> bool:
+    """Turn Dequantize(dtype=float)->Cast(bf16) into Dequantize(dtype=bf16), named like the Cast."""
+    changed = False
+    for node, dequantize in _casts_of(graph_def, protected, "Dequantize"):
+        if _cast_types(node) != (types_pb2.DT_FLOAT, types_pb2.DT_BFLOAT16) or \
+                dequantize.attr["dtype"].type != types_pb2.DT_FLOAT:
+            continue
+        controls = [s for s in node.input[1:] if s.startswith("^")]
+        node.op = "Dequantize"
+        del node.input[:]
+        node.input.extend(list(dequantize.input) + controls)
+        node.attr.clear()
+        for key, value in dequantize.attr.items():
+            node.attr[key].CopyFrom(value)
+        node.attr["dtype"].type = types_pb2.DT_BFLOAT16
         changed = True
     return changed
 

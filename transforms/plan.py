@@ -14,11 +14,27 @@ from typing import FrozenSet, Iterable, Mapping, Optional, Tuple
 
 FP32 = "fp32"
 BF16 = "bf16"
-PRECISIONS = (BF16, FP32)  # every precision; also the order of the config's normalised precision tuples
+INT8 = "int8"
+PRECISIONS = (BF16, FP32)  # the float precisions; also the order of the config's normalised precision tuples
+ALL_PRECISIONS = (INT8,) + PRECISIONS
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 
 
 def _freeze_mapping(value: Optional[Mapping]) -> Mapping:
     return types.MappingProxyType(dict(value or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationSpec:
+    """What the INT8 stage needs: calibrated (min, max) per float tensor ("node:port") and weight options."""
+
+    ranges: Mapping[str, Tuple[float, float]] = dataclasses.field(default_factory=dict)
+    weight_granularity: str = "per_channel"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranges", _freeze_mapping(self.ranges))
+        if self.weight_granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, got {self.weight_granularity!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +44,8 @@ class PrecisionPlan:
     ``bf16_kernel_attrs`` maps an op type to the type attributes for which a CPU BF16 kernel
     exists (from the kernel registry); None means "ask nobody, assume the op lists are
     right", which only tests of the pure algorithm use. ``node_precisions`` and
-    ``op_type_precisions`` force a precision; a node entry beats an op-type entry.
+    ``op_type_precisions`` force a precision; a node entry beats an op-type entry. With
+    ``quantization`` set, the INT8 stage quantizes every eligible node not forced to BF16/FP32.
     """
 
     inputs: Tuple[str, ...] = ()
@@ -36,6 +53,7 @@ class PrecisionPlan:
     bf16_kernel_attrs: Optional[Mapping[str, FrozenSet[str]]] = None
     node_precisions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     op_type_precisions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    quantization: Optional[QuantizationSpec] = None
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -46,9 +64,9 @@ class PrecisionPlan:
             object.__setattr__(self, "bf16_kernel_attrs", _freeze_mapping(self.bf16_kernel_attrs))
         for where, mapping in (("node_precisions", self.node_precisions),
                                ("op_type_precisions", self.op_type_precisions)):
-            bad = {k: v for k, v in mapping.items() if v not in PRECISIONS}
+            bad = {k: v for k, v in mapping.items() if v not in ALL_PRECISIONS}
             if bad:
-                raise ValueError(f"{where}: precisions must be one of {PRECISIONS}, got {bad}")
+                raise ValueError(f"{where}: precisions must be one of {ALL_PRECISIONS}, got {bad}")
 
     @property
     def protected(self) -> FrozenSet[str]:
