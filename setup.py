@@ -3,9 +3,10 @@
 ``transforms/`` and ``kernels/`` sit at the repository root but install as
 ``tf_bf16.transforms`` and ``tf_bf16.kernels``. Set ``TF_BF16_NO_TF_DEPENDENCY=1`` at install
 time to leave TensorFlow out of the requirements (for tensorflow-cpu or
-intel-tensorflow-avx512 users). The optional C++ kernels are compiled after installation
-against the TensorFlow installed then: ``pip install 'tf_bf16[kernels]'`` brings oneDNN,
-``python -m tf_bf16.kernels.build`` compiles them (``make install`` does both).
+intel-tensorflow-avx512 users; the ``[intel]`` extra needs it). The optional C++ kernels are
+compiled after installation against the TensorFlow installed then: ``pip install
+'tf_bf16[kernels]'`` brings oneDNN, ``python -m tf_bf16.kernels.build`` compiles them
+(``make install`` does both).
 """
 
 import os
@@ -14,8 +15,18 @@ import re
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TENSORFLOW = "tensorflow>=2.16"
+# Stock TensorFlow: the suite runs on 2.21 (CI installs the newest release in this range);
+# 2.22+ is untested. The floor also makes pip refuse `tensorflow` next to the [intel] extra's
+# 2.14 build (both install the `tensorflow` package) instead of installing the two together.
+TF_VERSIONS = ">=2.16,<2.22"
+TENSORFLOW = "tensorflow" + TF_VERSIONS
 NO_TF_SWITCH = "TF_BF16_NO_TF_DEPENDENCY"
+# intel-tensorflow-avx512 2.14.0 is its last release (CPython 3.9-3.11, Linux x86-64 wheels
+# only; needs AVX-512, dies with "Illegal instruction" on AVX2-only CPUs). It is built against
+# NumPy 1.x but does not say so: with NumPy 2 its import fails ("_ARRAY_API not found").
+# Its own metadata pins the rest (keras 2.14, ml-dtypes 0.2.0, protobuf<5). The bundled example
+# converts with it.
+INTEL_TENSORFLOW = ["intel-tensorflow-avx512==2.14.*", "numpy<2"]
 
 
 def read_version() -> str:
@@ -63,8 +74,8 @@ setup(
     install_requires=install_requires(),
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn"],
-        "intel": ["intel-tensorflow-avx512"],
-        "cpu": ["tensorflow-cpu"],
+        "intel": INTEL_TENSORFLOW,
+        "cpu": ["tensorflow-cpu" + TF_VERSIONS],
         # oneDNN 3.2 with the OpenMP CPU runtime, for tf_bf16.kernels (newer PyPI oneDNN wheels
         # are SYCL builds with no CPU engine).
         "kernels": ["onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0"],

@@ -12,6 +12,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, types_pb2  # noqa: E402
 
 from tests.zoo import run_graph  # noqa: E402
+from tf_bf16.errors import GraphError  # noqa: E402
 from tf_bf16.model import Model  # noqa: E402
 from tf_bf16.transforms import graph as g  # noqa: E402
 
@@ -201,15 +202,35 @@ def test_topological_order_of_a_v1_while_loop():
 
 
 def test_topological_order_rejects_a_cycle():
-    """A data cycle outside a while loop cannot be ordered."""
+    """A data cycle outside a while loop cannot be ordered: a GraphError naming the cycle in data-flow order."""
     nodes = [
         g.make_node("Placeholder", "x", attrs={"dtype": F32}),
         g.make_node("AddV2", "a", ["x", "b"], {"T": F32}),
         g.make_node("Identity", "b", ["a"], {"T": F32}),
+        g.make_node("Identity", "after", ["b"], {"T": F32}),
         g.make_node("Identity", "out", ["x"], {"T": F32}),
     ]
-    with pytest.raises(ValueError):
+    with pytest.raises(GraphError, match=r"cycle outside any while loop: a -> b -> a \(3 node"):
         g.GraphIndex(graph_pb2.GraphDef(node=nodes)).topological_order()
+
+
+def test_topological_order_rejects_dangling_inputs():
+    """An input naming a node that is not in the graph is a GraphError naming both, never skipped."""
+    nodes = [
+        g.make_node("Placeholder", "x", attrs={"dtype": F32}),
+        g.make_node("AddV2", "sum", ["x", "ghost:1"], {"T": F32}),
+        g.make_node("Identity", "out", ["sum", "^gone"], {"T": F32}),
+    ]
+    index = g.GraphIndex(graph_pb2.GraphDef(node=nodes))
+    assert index.dangling_inputs() == [("sum", "ghost:1"), ("out", "^gone")]
+    with pytest.raises(GraphError, match=r"node 'sum' reads 'ghost:1', node 'out' reads '\^gone'"):
+        index.topological_order()
+
+
+def test_dangling_message_counts_what_it_leaves_out():
+    pairs = [(f"n{k}", f"missing{k}") for k in range(8)]
+    message = g.dangling_message(pairs)
+    assert "node 'n4' reads 'missing4'" in message and "n5" not in message and "and 3 more" in message
 
 
 def test_reachable_from_follows_data_and_control_edges():

@@ -462,25 +462,63 @@ def field_ends(data: bytes) -> List[Tuple[int, int]]:
     return ends
 
 
-def test_truncated_pb_at_message_boundaries(cnn_frozen_pb: str, tmp_path: Any) -> None:
-    """Files cut right after a node (or right before ``versions``) still parse; loading must still fail."""
+def write_bytes(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_truncated_pb_mid_node(cnn_frozen_pb: str, tmp_path: Any) -> None:
+    """A file cut inside a node (or inside ``versions``) does not parse and is refused, naming the path."""
     with open(cnn_frozen_pb, "rb") as f:
         data = f.read()
     ends = field_ends(data)
-    node_ends = [end for field, end in ends if field == 1]
-    before_versions = max(end for field, end in ends if field != 4)
-    n = len(node_ends)
-    cuts = {f"after_node_{k}": node_ends[k - 1] for k in sorted({1, n // 3, n // 2, n - 1, n})}
-    cuts["before_versions"] = before_versions
-    for label, cut in cuts.items():
-        truncated = data[:cut]
-        assert len(graph_pb2.GraphDef.FromString(truncated).node) > 0, "a boundary cut should parse"
-        path = str(tmp_path / f"{label}.pb")
-        with open(path, "wb") as f:
-            f.write(truncated)
-        with pytest.raises(ModelLoadError) as info:
+    starts = [0] + [end for _, end in ends[:-1]]
+    n = len(ends)
+    for k in sorted({0, n // 3, n // 2, n - 2, n - 1}):  # n - 1 is the versions record
+        cut = (starts[k] + ends[k][1]) // 2
+        path = write_bytes(str(tmp_path / f"cut_in_field_{k}.pb"), data[:cut])
+        with pytest.raises(ModelLoadError, match="corrupt or truncated") as info:
             Model(path)
         assert_names_path(info.value, path)
+
+
+def test_truncated_pb_at_a_node_boundary_with_dangling_inputs(cnn_frozen_pb: str, tmp_path: Any) -> None:
+    """A boundary cut that leaves consumers without their producers is refused, naming them.
+
+    TensorFlow accepts nodes in any order; written consumers-first, every cut drops producers.
+    """
+    from tf_bf16.errors import GraphError
+    from tf_bf16.transforms.graph import node_name
+
+    with open(cnn_frozen_pb, "rb") as f:
+        graph_def = graph_pb2.GraphDef.FromString(f.read())
+    backwards = graph_pb2.GraphDef(node=list(reversed(graph_def.node)), versions=graph_def.versions)
+    data = backwards.SerializeToString()
+    node_ends = [end for field, end in field_ends(data) if field == 1]
+    for k in sorted({1, len(node_ends) // 2, len(node_ends) - 1}):
+        kept = graph_pb2.GraphDef.FromString(data[:node_ends[k - 1]])
+        path = write_bytes(str(tmp_path / f"after_node_{k}.pb"), data[:node_ends[k - 1]])
+        with pytest.raises(GraphError, match="truncated or incomplete") as info:
+            Model(path)
+        assert isinstance(info.value, ModelLoadError)
+        assert_names_path(info.value, path)
+        names = {n.name for n in kept.node}
+        first = next(n.name for n in kept.node if any(node_name(spec) not in names for spec in n.input))
+        assert f"node {first!r} reads" in str(info.value), str(info.value)
+
+
+def test_pb_cut_before_versions_loads_with_a_warning(cnn_frozen_pb: str, tmp_path: Any, caplog: Any) -> None:
+    """Without ``versions`` a complete graph is what a hand-built GraphDef looks like: it loads, with a warning."""
+    with open(cnn_frozen_pb, "rb") as f:
+        data = f.read()
+    before_versions = max(end for field, end in field_ends(data) if field != 4)
+    path = write_bytes(str(tmp_path / "no_versions.pb"), data[:before_versions])
+    with caplog.at_level("WARNING"):
+        model = Model(path)
+    assert model.graph_def.node == Model(cnn_frozen_pb).graph_def.node
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(path in w and "no 'versions' record" in w and "truncated" in w for w in warnings), warnings
 
 
 def test_missing_path(tmp_path: Any) -> None:

@@ -5,17 +5,28 @@ Each subcommand is a ``Command`` (its flags plus a main function) in ``COMMANDS`
 ``_BUILTIN_COMMANDS``. ``inspect`` summarizes a model, ``convert`` runs the whole pipeline,
 ``transform`` runs any list of registered passes. Errors become one ``tf-bf16: error: ...`` line on stderr and exit
 status 2 (usage) or 1 (anything else); ``--verbose`` adds the traceback and debug logging.
+
+``run`` (the ``tf-bf16`` script and ``python -m tf_bf16``) also keeps TensorFlow's start-up
+quiet: unless ``--verbose``, it sets ``TF_CPP_MIN_LOG_LEVEL=3`` when the user has not set it,
+and imports TensorFlow (and lets it probe its devices) with file descriptor 2 sent to a
+temporary file, because the CUDA-stub, oneDNN and absl pre-init lines are written there by
+C++ at import time whatever the log level. The captured text is replayed if that import
+fails. It hides GPUs (``CUDA_VISIBLE_DEVICES=""`` when unset): tf_bf16 converts and
+evaluates for CPUs. Those variables are set for the run only and removed again afterwards;
+``dispatch`` and ``import tf_bf16`` never touch the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import tempfile
 import traceback
 import types
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import BinaryIO, Callable, ContextManager, Iterator, List, Mapping, Optional, Sequence
 
 from absl import flags, logging
 
@@ -23,6 +34,17 @@ PROG = "tf-bf16"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 _VERBOSE_ARGS = frozenset({"--verbose", "--verbose=true", "--verbose=True", "--verbose=1"})
 _HELP_ARGS = frozenset({"-h", "--help", "-help", "--helpshort", "--helpfull"})
+# Set for a CLI run when the user has not set them (each silences something TensorFlow's
+# start-up writes; see ``quiet_environment``).
+_QUIET_ENV: Mapping[str, str] = types.MappingProxyType({
+    # C++ logs after start-up: cpu_feature_guard's "optimized to use available CPU
+    # instructions" (INFO) and cuda_platform's "failed call to cuInit" (ERROR) lines.
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+})
+_CPU_ONLY_ENV: Mapping[str, str] = types.MappingProxyType({
+    # tf_bf16 converts and evaluates for CPUs: no GPU memory taken, no GPU start-up lines.
+    "CUDA_VISIBLE_DEVICES": "",
+})
 
 
 class UsageError(Exception):
@@ -212,10 +234,112 @@ def _command_flags(command: Command) -> flags.FlagValues:
 
 
 def _configure_logging(verbose: bool) -> None:
-    """Quiet TensorFlow's C++ and Python logs unless ``--verbose`` (or the user set the level)."""
-    if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """tf_bf16's own (absl) logging: debug with ``--verbose``, warnings and errors otherwise."""
     logging.set_verbosity(logging.DEBUG if verbose else logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------
+# TensorFlow start-up (CLI process only)
+# --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def environment_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
+    """Set the variables of ``defaults`` that are unset; remove those again on exit."""
+    added = [name for name in defaults if name not in os.environ]
+    for name in added:
+        os.environ[name] = defaults[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def quiet_environment(verbose: bool) -> ContextManager[None]:
+    """The environment of one CLI run: CPU only, and TensorFlow's C++ logs quiet unless verbose."""
+    return environment_defaults(_CPU_ONLY_ENV if verbose else {**_QUIET_ENV, **_CPU_ONLY_ENV})
+
+
+def _temporary_file() -> ContextManager[Optional[BinaryIO]]:
+    """An anonymous temporary file, or a context of None when none can be made."""
+    try:
+        return tempfile.TemporaryFile()
+    except OSError:
+        return contextlib.nullcontext()
+
+
+def _redirect_stderr_fd(sink: Optional[BinaryIO]) -> Optional[int]:
+    """Point file descriptor 2 at ``sink``; returns the original (duplicated), or None if impossible."""
+    if sink is None:
+        return None
+    try:
+        saved = os.dup(2)
+    except OSError:  # the process has no stderr
+        return None
+    sys.stderr.flush()
+    os.dup2(sink.fileno(), 2)
+    return saved
+
+
+def _restore_stderr_fd(saved: int) -> None:
+    """Point file descriptor 2 back at ``saved`` (from ``_redirect_stderr_fd``) and close that."""
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _replay(sink: BinaryIO) -> None:
+    """Write what was captured in the binary file ``sink`` to ``sys.stderr``."""
+    sink.seek(0)
+    sys.stderr.write(sink.read().decode("utf-8", errors="replace"))
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def stderr_fd_captured() -> Iterator[None]:
+    """Send file descriptor 2 (C++ and Python writes alike) to a temporary file for the block.
+
+    The text is dropped when the block succeeds and written back to stderr when it raises.
+    Without a temporary file or a descriptor 2 the block runs uncaptured.
+    """
+    with _temporary_file() as sink:
+        saved = _redirect_stderr_fd(sink)
+        if saved is None:
+            yield
+            return
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            _restore_stderr_fd(saved)
+            if failed:
+                _replay(sink)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and list its devices with fd 2 captured (no-op when already imported)."""
+    if "tensorflow" in sys.modules:
+        return
+    with stderr_fd_captured():
+        import tensorflow as tf
+
+        # Device discovery (cuInit and friends) logs from C++ too; do it now, inside the capture.
+        tf.config.list_physical_devices()
+
+
+def _unchanged_process(verbose: bool) -> ContextManager[None]:
+    """``dispatch``'s default wrapper: the caller's process, environment and stderr as they are."""
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cli_process(verbose: bool) -> Iterator[None]:
+    """What ``run`` wraps a command in: its environment and, unless verbose, a quiet TF start-up."""
+    with quiet_environment(verbose):
+        if not verbose:
+            import_tensorflow_quietly()
+        yield
 
 
 def _one_line(exc: BaseException) -> str:
@@ -230,8 +354,14 @@ def _fail(message: str, verbose: bool, code: int) -> int:
     return code
 
 
-def dispatch(args: Sequence[str], commands: Mapping[str, Command] = COMMANDS) -> int:
-    """Run one subcommand from ``args`` (argv without the program name); returns the exit code."""
+def dispatch(args: Sequence[str], commands: Mapping[str, Command] = COMMANDS,
+             process: Optional[Callable[[bool], ContextManager[None]]] = None) -> int:
+    """Run one subcommand from ``args`` (argv without the program name); returns the exit code.
+
+    ``process(verbose)`` wraps the command once its flags parse (``run`` passes ``cli_process``);
+    by default nothing is changed around it, so in-process callers keep their environment.
+    """
+    process = process or _unchanged_process
     from tf_bf16.errors import TfBf16Error
 
     verbose = any(a in _VERBOSE_ARGS for a in args)
@@ -253,7 +383,8 @@ def dispatch(args: Sequence[str], commands: Mapping[str, Command] = COMMANDS) ->
         positional = fv([f"{PROG} {name}"] + rest)[1:]
         if positional:
             raise UsageError(f"unexpected argument(s) {' '.join(positional)}")
-        return command.main(fv)
+        with process(fv.verbose):
+            return command.main(fv)
     except (flags.Error, UsageError) as exc:
         return _fail(f"{name}: {_one_line(exc)}", verbose, EXIT_USAGE)
     except TfBf16Error as exc:
@@ -266,8 +397,11 @@ def dispatch(args: Sequence[str], commands: Mapping[str, Command] = COMMANDS) ->
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """Console-script entry point (``tf-bf16``): dispatch ``sys.argv[1:]`` and return the exit code."""
-    return dispatch(list(sys.argv[1:] if argv is None else argv))
+    """Console-script entry point (``tf-bf16``): dispatch ``sys.argv[1:]`` and return the exit code.
+
+    The command runs inside ``cli_process``: TensorFlow's start-up is quiet unless ``--verbose``.
+    """
+    return dispatch(list(sys.argv[1:] if argv is None else argv), process=cli_process)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,8 @@ class UnsupportedHardwareError(TfBf16Error):
 class GraphError(TfBf16Error, ValueError):
     """A GraphDef is malformed or a pass cannot apply to it (dangling input, duplicate name,
     cycle, outputs not in the graph); also a ValueError, as TensorFlow raises for bad graphs."""
+
+
+class MalformedGraphError(GraphError, ModelLoadError):
+    """A model's GraphDef is structurally broken (dangling input, duplicate name, cycle, nameless
+    node): a GraphError that, being a ModelLoadError too, names the model's path."""

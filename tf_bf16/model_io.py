@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import zipfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2
 
-from tf_bf16.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
+from tf_bf16.errors import GraphError, MalformedGraphError, ModelLoadError, ModelSaveError, UnsupportedModelError
 from tf_bf16.transforms import graph as graph_lib
 from tf_bf16.transforms.op_classes import STATE_OPS
 
@@ -107,6 +111,7 @@ def _load_path(path: str, signature_key: str) -> LoadedGraph:
         return _load_saved_model(path, signature_key)
     lower = path.lower()
     if lower.endswith((".keras", ".h5", ".hdf5")):
+        _check_keras_container(path)
         import keras
         try:
             model = keras.models.load_model(path, compile=False)
@@ -115,6 +120,8 @@ def _load_path(path: str, signature_key: str) -> LoadedGraph:
         return _freeze_keras(model, path, signature_key)
     graph_def = read_graph_def(path)
     validate_graph(graph_def, path)
+    if not lower.endswith(".pbtxt"):  # text GraphDefs are often written by hand, without versions
+        _warn_if_unversioned(graph_def, path)
     return LoadedGraph(graph_def, None, None, None, path)
 
 
@@ -137,36 +144,75 @@ def read_graph_def(path: str) -> graph_pb2.GraphDef:
         graph_def.ParseFromString(data)
     except message.DecodeError as exc:
         raise ModelLoadError(path, f"not a valid binary GraphDef (corrupt or truncated protobuf: {_first_line(exc)})")
-    if not graph_def.HasField("versions"):
-        # TensorFlow serializes ``versions`` (field 4) after every node and the library, so a
-        # file cut at a message boundary still parses but lacks it.
-        raise ModelLoadError(path, "GraphDef has no 'versions' record, which TensorFlow writes last: the file "
-                                   "is truncated (a GraphDef built by hand must set versions.producer)")
     return graph_def
 
 
+def _warn_if_unversioned(graph_def: graph_pb2.GraphDef, path: str) -> None:
+    """Warn (never refuse) when a binary GraphDef file that passed validation has no ``versions`` record.
+
+    GraphDefs built node by node (many scripts, older exporters, Neural Compressor's tests)
+    lack it and TensorFlow's ``import_graph_def`` accepts them as producer 0. TensorFlow's own
+    writers put ``versions`` after every node, so a file cut exactly at a node boundary lacks
+    it too; a cut that breaks something (a half node, a dangling input) is refused elsewhere.
+    """
+    if graph_def.versions.producer == 0:
+        logging.warning("tf_bf16: %s: GraphDef has no 'versions' record; reading it as TensorFlow does (producer 0). "
+                        "Files written by TensorFlow always have one, so if this one was, it may be truncated.",
+                        path)
+
+
 def validate_graph(graph_def: graph_pb2.GraphDef, path: Optional[str]) -> None:
-    """Reject empty graphs, dangling inputs (e.g. a truncated file) and unregistered ops."""
+    """Reject empty or structurally broken graphs (e.g. a truncated file) and unregistered ops.
+
+    Broken structure (a nameless node, a duplicate name, a dangling input, a cycle outside a
+    while loop) raises MalformedGraphError naming the nodes, before TensorFlow sees the graph.
+    """
     if not graph_def.node:
         raise ModelLoadError(path, "GraphDef has no nodes (empty or not a GraphDef)")
-    names = set()
-    for node in graph_def.node:
-        if not node.name or not node.op:
-            raise ModelLoadError(path, "GraphDef has a node without a name or op (corrupt protobuf)")
-        if node.name in names:
-            raise ModelLoadError(path, f"GraphDef has two nodes named {node.name!r}")
-        names.add(node.name)
-    for node in graph_def.node:
-        for spec in node.input:
-            if graph_lib.node_name(spec) not in names:
-                raise ModelLoadError(path, f"node {node.name!r} reads {spec!r}, which is not in the graph "
-                                           "(truncated or incomplete GraphDef)")
+    _check_structure(graph_def, path)
     _load_kernels_for(graph_def, path)
     sigs = graph_lib.OpSignatures(graph_def)
     unknown = sorted({n.op for n in graph_def.node if sigs.op_def(n.op) is None})
     if unknown:
         raise ModelLoadError(path, f"unknown op(s) {unknown}: not registered in this TensorFlow "
                                    "and not defined in the graph's function library")
+
+
+def _check_structure(graph_def: graph_pb2.GraphDef, path: Optional[str]) -> None:
+    """Raise MalformedGraphError for a nameless node, a duplicate name, a dangling input or a cycle."""
+    nameless = [k for k, node in enumerate(graph_def.node) if not node.name or not node.op]
+    if nameless:
+        raise MalformedGraphError(path, f"GraphDef node(s) at position {nameless[:5]} have no name or op "
+                                        "(corrupt protobuf)")
+    try:
+        index = graph_lib.GraphIndex(graph_def)
+    except GraphError as exc:
+        raise MalformedGraphError(path, str(exc)) from exc
+    dangling = index.dangling_inputs()
+    if dangling:
+        raise MalformedGraphError(path, f"{graph_lib.dangling_message(dangling)} (a truncated or incomplete "
+                                        "GraphDef)")
+    try:
+        index.topological_order()
+    except GraphError as exc:
+        raise MalformedGraphError(path, str(exc)) from exc
+
+
+def _check_keras_container(path: str) -> None:
+    """Refuse a ``.keras`` file that is not a zip archive, or an ``.h5`` file that is not HDF5, by name.
+
+    Keras itself reports such files as "File not found" or "file signature not found".
+    """
+    if path.lower().endswith(".keras"):
+        if not zipfile.is_zipfile(path):
+            raise ModelLoadError(path, "not a Keras archive (.keras files are zip archives written by "
+                                       "model.save)")
+        return
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise ModelLoadError(path, "not an HDF5 file (.h5/.hdf5 Keras models are HDF5 files written by "
+                                   "model.save)")
 
 
 def _load_kernels_for(graph_def: graph_pb2.GraphDef, path: Optional[str]) -> None:
@@ -464,41 +510,180 @@ def synthesize_signature(graph_def: graph_pb2.GraphDef, inputs: Sequence[str], o
 
 # ----------------------------------------------------------------------------- writing
 
-def write_frozen(graph_def: graph_pb2.GraphDef, path: str, text: bool = False) -> None:
-    """Write a GraphDef to ``path`` through a temp file and an atomic rename."""
-    import tensorflow as tf
+TEMP_MARK = ".tmp-"     # .NAME.tmp-HOST-PID-TAG beside NAME: a save in progress, or an interrupted one
+BACKUP_MARK = ".old-"   # .NAME.old-HOST-PID-TAG: the previous NAME while a SavedModel directory is swapped
+STALE_AFTER_S = 3600    # a temp nobody has written to for this long belongs to an interrupted save
+_TEMP_SUFFIX = re.compile(r"(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}")  # legacy temps have the tag only
 
-    parent = os.path.dirname(os.path.abspath(path))
-    if not tf.io.gfile.isdir(parent):
-        raise ModelSaveError(path, f"output directory {parent} does not exist")
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+def write_frozen(graph_def: graph_pb2.GraphDef, path: str, text: bool = False) -> None:
+    """Write a GraphDef (binary, or text when ``text``) to ``path`` atomically, with a versions record."""
+    versioned = with_versions(graph_def)
+
+    def write(tmp: str) -> None:
         if text:
-            with tf.io.gfile.GFile(tmp, "w") as f:
-                f.write(text_format.MessageToString(graph_def))
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text_format.MessageToString(versioned))
         else:
-            with tf.io.gfile.GFile(tmp, "wb") as f:
-                f.write(graph_def.SerializeToString())
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    except Exception as exc:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.remove(tmp)
-        if isinstance(exc, ModelSaveError):
-            raise
-        raise ModelSaveError(path, f"cannot write: {_first_line(exc)}")
+            with open(tmp, "wb") as f:
+                f.write(versioned.SerializeToString())
+
+    write_atomically(path, write)
 
 
 def write_text_atomically(path: str, text: str) -> None:
-    """Write a small text file (a report) through a temp file and an atomic rename."""
+    """Write a small text file (a report) atomically, so a reader never sees half of it."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomically(path, write)
+
+
+def write_atomically(path: str, write: Callable[[str], None], what: str = "cannot write") -> None:
+    """Have ``write(tmp)`` make a file or directory at a fresh hidden temp beside ``path``, then move it there.
+
+    The one place tf_bf16 writes outputs: ``path`` is never seen half-written, the temp is
+    removed on any failure (Ctrl-C included), temps that earlier interrupted saves to ``path``
+    left behind are removed first, and a replaced directory's backup once the new one is in place.
+    Failures raise ModelSaveError naming ``path``.
+    """
+    target = os.path.abspath(path)
+    parent, base = os.path.split(target)
+    if not os.path.isdir(parent):
+        raise ModelSaveError(path, f"output directory {parent} does not exist")
+    remove_stale_temps(target, TEMP_MARK)
+    tmp = _temp_path(target, TEMP_MARK)
+    try:
+        write(tmp)
+        _move_into_place(tmp, target)
+    except BaseException as exc:
+        _remove_path(tmp)
+        if isinstance(exc, ModelSaveError) or not isinstance(exc, Exception):
+            raise
+        raise ModelSaveError(path, f"{what}: {_first_line(exc)}") from exc
+    remove_stale_temps(target, BACKUP_MARK)
+
+
+def remove_stale_temps(path: str, mark: str = TEMP_MARK) -> List[str]:
+    """Remove what interrupted saves to ``path`` left beside it (``mark``: temps or backups); return them.
+
+    A concurrent writer's live temp is kept: only a temp whose writing process (on this host)
+    is gone, or one nobody has written to for ``STALE_AFTER_S`` seconds, is removed.
+    """
+    parent, base = os.path.split(os.path.abspath(path))
+    prefix = f".{base}{mark}"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _TEMP_SUFFIX.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+        temp = os.path.join(parent, name)
+        if match and _is_stale(temp, match.group("host"), match.group("pid")):
+            _remove_path(temp)
+            logging.info("removed %s, left behind by an interrupted save", temp)
+            removed.append(temp)
+    return removed
+
+
+def _temp_path(target: str, mark: str) -> str:
+    """A fresh hidden name beside ``target`` that says which host and process writes it."""
+    parent, base = os.path.split(target)
+    return os.path.join(parent, f".{base}{mark}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _is_stale(temp: str, host: Optional[str], pid: Optional[str]) -> bool:
+    """Whether ``temp`` is an interrupted save's: its writer on this host is gone, or it has long been idle."""
+    if host == socket.gethostname() and pid is not None and not _process_alive(int(pid)):
+        return True
+    return time.time() - _last_write(temp) > STALE_AFTER_S
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists but belongs to another user
+        return True
+    return True
+
+
+def _last_write(temp: str) -> float:
+    """Newest modification time of ``temp`` or anything under it (now, if it vanished meanwhile)."""
+    try:
+        newest = os.lstat(temp).st_mtime
+        for root, dirs, files in os.walk(temp):
+            for name in dirs + files:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    except OSError:
+        return time.time()
+    return newest
+
+
+def _move_into_place(tmp: str, target: str) -> None:
+    """Rename ``tmp`` to ``target``: atomically for a file, through a hidden backup for a directory."""
+    if not os.path.isdir(tmp):
+        os.replace(tmp, target)
+        return
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        return
+    backup = _temp_path(target, BACKUP_MARK)
+    os.rename(target, backup)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _remove_path(path: str) -> None:
+    """Remove a file or directory tree if it exists; never raise."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def with_versions(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    """``graph_def`` when it has a versions record, else a copy stamped with one TensorFlow loads back.
+
+    Hand-built GraphDefs have none (producer 0). The stamp is this TensorFlow's GraphDef version,
+    lowered below the version that removed any op the graph uses, since TensorFlow refuses an
+    op at a producer at or past its removal.
+    """
     import tensorflow as tf
 
-    parent = os.path.dirname(os.path.abspath(path))
-    if not tf.io.gfile.isdir(parent):
-        raise ModelSaveError(path, f"output directory {parent} does not exist")
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    if graph_def.versions.producer > 0:
+        return graph_def
+    out = graph_lib.copy_graph(graph_def)
+    out.versions.producer = _newest_producer_for(out)
+    out.versions.min_consumer = tf.version.GRAPH_DEF_VERSION_MIN_CONSUMER
+    return out
+
+
+def _newest_producer_for(graph_def: graph_pb2.GraphDef) -> int:
+    """This TensorFlow's GraphDef version, or one less than the earliest removal of an op the graph uses."""
+    import tensorflow as tf
+    from tensorflow.python.framework import op_def_registry
+
+    ops = {n.op for n in graph_def.node} | {n.op for f in graph_def.library.function for n in f.node_def}
+    producer = tf.version.GRAPH_DEF_VERSION
+    for op in ops:
+        op_def = op_def_registry.get(op)
+        if op_def is not None and op_def.HasField("deprecation"):
+            producer = min(producer, op_def.deprecation.version - 1)
+    return producer
 
 
 KERNELS_NOTE = "tf_bf16_kernels.txt"   # in assets.extra/ of a SavedModel that uses the kernel ops
@@ -524,71 +709,64 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) 
     """Write a SavedModel (tag ``serve``) whose signature keys, names, dtypes and shapes are ``signature``'s.
 
     The graph holds only constants, so the SavedModel has an empty variables folder; it is
-    built in a sibling temp directory and moved into place, replacing ``path`` only at the end.
+    built in a hidden sibling temp directory (``write_atomically``) and replaces ``path`` only at the end.
     """
     import tensorflow as tf
-    from tensorflow.core.protobuf import meta_graph_pb2
 
-    parent = os.path.dirname(os.path.abspath(path))
-    if not tf.io.gfile.isdir(parent):
-        raise ModelSaveError(path, f"output directory {parent} does not exist")
-    if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
-        raise ModelSaveError(path, "exists and is not a directory")
-    if tf.io.gfile.isdir(path):
-        entries = tf.io.gfile.listdir(path)
-        if entries and not any(f in entries for f in SAVED_MODEL_FILES):
-            raise ModelSaveError(path, "is a non-empty directory that is not a SavedModel; refusing to replace it")
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    _check_saved_model_target(path)
+    versioned = with_versions(graph_def)
+    sig_def = _signature_def(signature)
+    keys = (signature.key,) + tuple(getattr(signature, "aliases", ()))
 
-    def tensor_info(spec: Any) -> meta_graph_pb2.TensorInfo:
-        node, port, _ = graph_lib.parse_input(spec.name)
-        info = meta_graph_pb2.TensorInfo(name=f"{node}:{port}", dtype=tf.as_dtype(spec.dtype).as_datatype_enum)
-        if spec.shape is None:
-            info.tensor_shape.unknown_rank = True
-        else:
-            for d in spec.shape:
-                info.tensor_shape.dim.add(size=-1 if d is None else d)
-        return info
-
-    sig_def = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
-    for k, spec in signature.inputs.items():
-        sig_def.inputs[k].CopyFrom(tensor_info(spec))
-    for k, spec in signature.outputs.items():
-        sig_def.outputs[k].CopyFrom(tensor_info(spec))
-    try:
+    def write(tmp: str) -> None:
         graph = tf.Graph()
         with graph.as_default():
-            tf.graph_util.import_graph_def(graph_def, name="")
+            tf.graph_util.import_graph_def(versioned, name="")
             with tf.compat.v1.Session(graph=graph) as sess:
                 builder = tf.compat.v1.saved_model.Builder(tmp)
-                keys = (signature.key,) + tuple(getattr(signature, "aliases", ()))
                 builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={k: sig_def for k in keys},
                                                      strip_default_attrs=False)
                 builder.save()
         _record_kernel_requirement(graph_def, tmp)
-        _replace_dir(tmp, path)
-    except Exception as exc:
-        if tf.io.gfile.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, ModelSaveError):
-            raise
-        raise ModelSaveError(path, f"cannot write SavedModel: {_first_line(exc)}")
+
+    write_atomically(path, write, "cannot write SavedModel")
 
 
-def _replace_dir(tmp: str, path: str) -> None:
-    """Move ``tmp`` to ``path``; an existing ``path`` is only removed once the new one is in place."""
-    backup = None
-    if os.path.exists(path):
-        backup = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, backup)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if backup:
-            os.rename(backup, path)
-        raise
-    if backup:
-        shutil.rmtree(backup, ignore_errors=True)
+def _check_saved_model_target(path: str) -> None:
+    """Refuse to replace a file, or a non-empty directory that is not a SavedModel, with a SavedModel."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ModelSaveError(path, "exists and is not a directory")
+    if os.path.isdir(path):
+        entries = os.listdir(path)
+        if entries and not any(f in entries for f in SAVED_MODEL_FILES):
+            raise ModelSaveError(path, "is a non-empty directory that is not a SavedModel; refusing to replace it")
+
+
+def _signature_def(signature: Any) -> Any:
+    """The SignatureDef (predict method) of a tf_bf16 Signature."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    sig_def = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+    for k, spec in signature.inputs.items():
+        sig_def.inputs[k].CopyFrom(_tensor_info(spec))
+    for k, spec in signature.outputs.items():
+        sig_def.outputs[k].CopyFrom(_tensor_info(spec))
+    return sig_def
+
+
+def _tensor_info(spec: TensorSpecInfo) -> Any:
+    """A signature entry as a TensorInfo: ``node:port`` name, dtype enum and shape (-1 for unknown dims)."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    node, port, _ = graph_lib.parse_input(spec.name)
+    info = meta_graph_pb2.TensorInfo(name=f"{node}:{port}", dtype=tf.as_dtype(spec.dtype).as_datatype_enum)
+    if spec.shape is None:
+        info.tensor_shape.unknown_rank = True
+    else:
+        for d in spec.shape:
+            info.tensor_shape.dim.add(size=-1 if d is None else d)
+    return info
 
 
 def _first_line(exc: BaseException) -> str:

@@ -117,32 +117,33 @@ class GraphIndex:
     def data_inputs(self, node: node_def_pb2.NodeDef) -> List[str]:
         return [s for s in node.input if not s.startswith("^")]
 
+    def dangling_inputs(self) -> List[Tuple[str, str]]:
+        """(node, input string) for every input naming a node that is not in the graph."""
+        return [(node.name, spec) for node in self.graph_def.node for spec in node.input
+                if node_name(spec) not in self.nodes]
+
+    def _ordering_inputs(self, node: node_def_pb2.NodeDef) -> List[str]:
+        """Producers ordered before ``node``: every input but a loop's NextIteration -> Merge back edge."""
+        sources = [node_name(spec) for spec in node.input]
+        if node.op in _MERGE_OPS:
+            sources = [s for s in sources if self.nodes[s].op not in _NEXT_ITERATION_OPS]
+        return sources
+
     def topological_order(self) -> List[node_def_pb2.NodeDef]:
-        """Nodes so that every producer precedes its consumers (loop back edges ignored)."""
+        """Nodes so that every producer precedes its consumers (loop back edges ignored).
+
+        Raises GraphError naming the inputs that point outside the graph, or the nodes of a
+        cycle that is not a while loop's, since no order exists for either.
+        """
+        dangling = self.dangling_inputs()
+        if dangling:
+            raise GraphError(dangling_message(dangling))
         indegree = {name: 0 for name in self.nodes}
         fanout: Dict[str, List[str]] = collections.defaultdict(list)
         for node in self.graph_def.node:
-            if node.op == "NextIteration" or node.op == "RefNextIteration":
-                continue
-            for spec in node.input:
-                src = node_name(spec)
-                if src in self.nodes:
-                    indegree[node.name] += 1
-                    fanout[src].append(node.name)
-        # NextIteration feeds Merge; drop those back edges from Merge's in-degree.
-        for node in self.graph_def.node:
-            if node.op in ("Merge", "RefMerge"):
-                for spec in node.input:
-                    src = node_name(spec)
-                    if src in self.nodes and self.nodes[src].op in ("NextIteration", "RefNextIteration"):
-                        indegree[node.name] -= 1
-        for node in self.graph_def.node:
-            if node.op in ("NextIteration", "RefNextIteration"):
-                for spec in node.input:
-                    src = node_name(spec)
-                    if src in self.nodes:
-                        indegree[node.name] += 1
-                        fanout[src].append(node.name)
+            for src in self._ordering_inputs(node):
+                indegree[node.name] += 1
+                fanout[src].append(node.name)
         ready = collections.deque(n.name for n in self.graph_def.node if indegree[n.name] == 0)
         order = []
         while ready:
@@ -153,9 +154,36 @@ class GraphIndex:
                 if indegree[dst] == 0:
                     ready.append(dst)
         if len(order) != len(self.nodes):
-            stuck = sorted(n for n, d in indegree.items() if d > 0)[:5]
-            raise GraphError(f"GraphDef has a cycle or a dangling input near {stuck}")
+            stuck = {n for n, d in indegree.items() if d > 0}
+            raise GraphError(f"GraphDef has a cycle outside any while loop: {' -> '.join(self._one_cycle(stuck))} "
+                             f"({len(stuck)} node(s) in or after a cycle cannot be ordered)")
         return order
+
+    def _one_cycle(self, stuck: set) -> List[str]:
+        """One cycle among ``stuck`` (nodes each left with an unordered producer): data-flow order,
+        starting and ending at its smallest name."""
+        walk: List[str] = []
+        position: Dict[str, int] = {}
+        name = min(stuck)
+        while name not in position:  # walk producers until one repeats
+            position[name] = len(walk)
+            walk.append(name)
+            name = next(s for s in self._ordering_inputs(self.nodes[name]) if s in stuck)
+        cycle = list(reversed(walk[position[name]:]))
+        first = cycle.index(min(cycle))
+        cycle = cycle[first:] + cycle[:first]
+        return cycle + cycle[:1]
+
+
+_MERGE_OPS = frozenset({"Merge", "RefMerge"})
+_NEXT_ITERATION_OPS = frozenset({"NextIteration", "RefNextIteration"})
+
+
+def dangling_message(dangling: Sequence[Tuple[str, str]], limit: int = 5) -> str:
+    """'node 'a' reads 'x', ...' for the first ``limit`` dangling inputs, with a count of the rest."""
+    shown = ", ".join(f"node {node!r} reads {spec!r}" for node, spec in dangling[:limit])
+    more = f" and {len(dangling) - limit} more" if len(dangling) > limit else ""
+    return f"GraphDef inputs name nodes that are not in the graph: {shown}{more}"
 
 
 def reachable_from(index: GraphIndex, targets: Iterable[str]) -> set:
