@@ -13,17 +13,32 @@ applies) except where null is itself a documented value (``mixed_precision.targe
 ``tuning.workspace.resume``, ``npz.labels``); YAML booleans are never accepted as numbers;
 string choices are matched case-insensitively and stored lower-case (metric names keep their
 canonical spelling); a single value may stand for a one-item list.
+
+A config is a few kB, so reading one is bounded (``ConfigError`` past a limit, before the work
+that would blow up): a file holds at most ``MAX_CONFIG_BYTES`` (1 MiB), checked before it is
+read; a config (YAML file or mapping) holds at most ``MAX_CONFIG_VALUES`` (100,000) scalars,
+lists and mappings, counting a YAML alias or a shared Python object once per use, so an alias
+bomb is refused before it is expanded; values nest at most ``MAX_CONFIG_DEPTH`` (32) levels; a
+name or path is at most ``MAX_NAME_CHARS`` (4096) characters.
+Error messages show user values through ``preview``, cut to a short line however big the value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import types
 from typing import (Annotated, Any, Callable, ClassVar, Dict, Iterable, Iterator, Literal, Mapping,
                     Optional, Sequence, Set, Tuple, Union)
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, TypeAdapter,
                       ValidationError, WrapValidator, model_validator)
 from pydantic.dataclasses import dataclass
@@ -49,6 +64,13 @@ QUANT_TENSOR_CHOICES: Mapping[str, Tuple[str, ...]] = types.MappingProxyType({
     "algorithm": ("minmax", "kl"),
 })
 DEFAULT_RANDOM_SEED = 1978
+
+# Limits on what a config may hold (see the module docstring); real configs are far below them.
+MAX_CONFIG_BYTES = 1 << 20      # a YAML file's size: 1 MiB (configs are a few kB; libyaml reads 1 MiB in < 1 s)
+MAX_CONFIG_VALUES = 100_000     # scalars, lists and mappings, each alias or shared object counted per use
+MAX_CONFIG_DEPTH = 32           # nesting of lists and mappings below the top level (INC configs use ~8)
+MAX_NAME_CHARS = 4096           # a name or path given as a string value (PATH_MAX on Linux)
+PREVIEW_CHARS = 80              # a user value shown in an error message is cut to this many characters
 
 Path = Tuple[Union[str, int], ...]
 
@@ -99,7 +121,7 @@ def _relocate(exc: ValidationError, prefix: Path = (), drop: int = 0) -> Pydanti
     path = tuple(prefix) + tuple(err["loc"])[drop:] + tuple(ctx.get("path", ()))
     if err["type"] in ("config_value", "config_key"):
         return PydanticCustomError(err["type"], "{message}", {**ctx, "path": path})
-    message = "is required" if err["type"] == "missing" else f"{err['msg']}; {_got(err['input'])}"
+    message = "is required" if err["type"] == "missing" else f"{_cut(err['msg'], 200)}; {_got(err['input'])}"
     return _error(message, *path)
 
 
@@ -113,9 +135,11 @@ def _config_error(exc: ValidationError) -> ConfigError:
 
 
 def _dotted(path: Path) -> str:
+    """``path`` as ``a.b[0].c``; user-chosen keys (node names...) are cut to a preview's length."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        name = _cut(str(part), PREVIEW_CHARS)
+        out += f"[{name}]" if isinstance(part, int) else (f".{name}" if out else name)
     return out
 
 
@@ -123,12 +147,61 @@ def _fail(path: Path, message: str) -> ConfigError:
     return ConfigError(f"config key '{_dotted(path)}': {message}")
 
 
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "..." when cut, so a message stays one short line."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _listing(names: Iterable[str], limit: int = 100) -> str:
+    """``names`` joined by commas and cut to ``limit`` characters: user-chosen names may be many and long."""
+    return _cut(", ".join(_cut(str(n), PREVIEW_CHARS) for n in itertools.islice(names, limit // 2)), limit)
+
+
+def _leaf_repr(value: Any, limit: int) -> str:
+    """``repr`` of a non-container; a long string is cut first, a failing repr (10**5000) is described."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:limit + 1])
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001 - e.g. ValueError for ints past sys.get_int_max_str_digits()
+        return f"<{type(value).__name__} that has no short repr>"
+
+
+def _repr_parts(value: Any, limit: int) -> Iterator[str]:
+    """The pieces of ``repr(value)`` in order, made lazily so a huge or self-containing value is never walked."""
+    if isinstance(value, Mapping):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ", " if i else ""
+            yield from _repr_parts(key, limit)
+            yield ": "
+            yield from _repr_parts(item, limit)
+        yield "}"
+    elif isinstance(value, (list, tuple)):
+        yield "[" if isinstance(value, list) else "("
+        for i, item in enumerate(value):
+            yield ", " if i else ""
+            yield from _repr_parts(item, limit)
+        yield "]" if isinstance(value, list) else ",)" if len(value) == 1 else ")"
+    else:
+        yield _leaf_repr(value, limit)
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages; costs about ``limit``, not ``len(value)``."""
+    parts, size = [], 0
+    for part in _repr_parts(value, limit):
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            break
+    return _cut("".join(parts), limit)
+
+
 def _got(value: Any) -> str:
     """``value`` for an error message: a short repr plus its type, and a hint for YAML's 1e-2 gotcha."""
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    text = f"got {shown} ({type(value).__name__})"
-    if isinstance(value, str):
+    text = f"got {preview(value)} ({type(value).__name__})"
+    if isinstance(value, str) and len(value) <= PREVIEW_CHARS:  # a number is short; never parse a huge string
         try:
             float(value)
             text += "; a quoted number, or YAML 1.1 exponent syntax like 1e-2 (write 1.0e-2), is a string"
@@ -173,7 +246,7 @@ def _choice(choices: Sequence[str]) -> Any:
         try:
             return handler(value.strip().lower() if isinstance(value, str) else value)
         except ValidationError:
-            shown = repr(value) if isinstance(value, str) else _got(value)
+            shown = preview(value) if isinstance(value, str) else _got(value)
             raise _error(f"{shown} is not allowed; allowed values: {', '.join(choices)}") from None
     return Annotated[Literal[tuple(choices)], WrapValidator(check)]
 
@@ -225,7 +298,7 @@ def _named(value: Any, what: str, freeze: Callable[[Any], Any] = FrozenDict) -> 
             raise _error(f"expected a mapping of {what} to settings; {_got(raw)}")
         for key in raw:
             if not isinstance(key, str) or not key.strip():
-                raise _error(f"expected {what} (non-empty strings) as keys, got key {key!r}")
+                raise _error(f"expected {what} (non-empty strings) as keys, got key {preview(key)}")
         return raw
     return Annotated[Mapping[str, value], BeforeValidator(check), AfterValidator(freeze)]
 
@@ -253,8 +326,17 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _short_name(text: str) -> str:
+    """``text`` when it is at most MAX_NAME_CHARS long: a name or path, never a megabyte of data."""
+    if len(text) > MAX_NAME_CHARS:
+        raise _error(f"expected at most {MAX_NAME_CHARS:,} characters (a name or path); got a string of "
+                     f"{len(text):,}: {preview(text)}")
+    return text
+
+
 Bool = Annotated[bool, Strict(), _expect("true or false")]
-Name = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1), _expect("a non-empty string")]
+Name = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1), _expect("a non-empty string"),
+                 AfterValidator(_short_name)]
 Names = _one_or_many(Name, what="a non-empty string or a list of such strings")
 IoNames = Annotated[Tuple[Name, ...], BeforeValidator(_split_names)]
 PositiveInt = _integer(1)
@@ -302,7 +384,8 @@ def _mapping(value: Any, allowed: Iterable[str], *path: Union[str, int]) -> Dict
     for key in value:
         if not isinstance(key, str) or key not in allowed:
             raise PydanticCustomError("config_key", "{message}",
-                                      {"message": f"allowed keys: {', '.join(allowed)}", "path": path + (str(key),)})
+                                      {"message": f"allowed keys: {', '.join(allowed)}",
+                                       "path": path + (key if isinstance(key, str) else preview(key),)})
     return dict(value)
 
 
@@ -450,7 +533,7 @@ class TFRecordDatasetConfig(_Section):
         checks = [(("label",), self.label)] if self.label is not None else []
         for path, name in checks + [(("inputs", i), n) for i, n in enumerate(self.inputs)]:
             if name not in names:
-                raise _error(f"{name!r} is not allowed; allowed values: {', '.join(names)}", *path)
+                raise _error(f"{preview(name)} is not allowed; allowed values: {_listing(names)}", *path)
         if not self.inputs:
             inputs = tuple(n for n in names if n != self.label)
             if not inputs:
@@ -515,7 +598,8 @@ class MetricConfig(_Section):
         keys = [key for key in raw if key != "higher_is_better"]
         for key in keys:
             if not isinstance(key, str) or key.lower() not in by_lower:
-                raise _error(f"unknown metric {key!r}; allowed metrics: {allowed} (plus the key higher_is_better)")
+                raise _error(f"unknown metric {preview(key)}; allowed metrics: {allowed} "
+                             f"(plus the key higher_is_better)")
         if len(keys) != 1:
             raise _error(f"give exactly one metric of {allowed}, got {', '.join(keys) if keys else 'none'}")
         key = keys[0]
@@ -871,8 +955,9 @@ class Config(_Section):
         if self.quantization is not None:
             for name, precision in self.quantization.node_precisions().items():
                 if forced.get(name, precision) != precision:
-                    raise ConfigError(f"config keys 'mixed_precision.op_wise.{name}' ({forced[name]}) and "
-                                      f"'quantization.op_wise.{name}' ({precision}) disagree; give one of them")
+                    raise ConfigError(f"config keys '{_dotted(('mixed_precision', 'op_wise', name))}' "
+                                      f"({forced[name]}) and '{_dotted(('quantization', 'op_wise', name))}' "
+                                      f"({precision}) disagree; give one of them")
                 forced[name] = precision
         return forced
 
@@ -913,9 +998,49 @@ def _validate(raw: Mapping[str, Any]) -> Config:
         raise _config_error(e) from None
 
 
+def _overflow(root: Any, children: Callable[[Any], Sequence[Any]]) -> Optional[str]:
+    """Which limit ``root`` passes: "values" (MAX_CONFIG_VALUES), "depth" (MAX_CONFIG_DEPTH) or None.
+
+    Shared parts (YAML aliases, a list used twice) count once per use, as validation will walk
+    them; the walk stops at the limit, so a bomb or a cycle costs at most MAX_CONFIG_VALUES steps.
+    """
+    count, stack = 1, [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        kids = children(node)
+        if not kids:
+            continue
+        if depth >= MAX_CONFIG_DEPTH:
+            return "depth"
+        count += len(kids)
+        if count > MAX_CONFIG_VALUES:
+            return "values"
+        stack.extend((kid, depth + 1) for kid in kids)
+    return None
+
+
+def _data_children(value: Any) -> Sequence[Any]:
+    """The keys and values of a mapping, the items of a list or tuple; nothing for a scalar."""
+    if isinstance(value, Mapping):
+        return [*value.keys(), *value.values()]
+    return value if _is_list(value) else ()
+
+
+def _check_data(data: Any, what: str) -> None:
+    """ConfigError when ``data`` given in code holds more values, or nests deeper, than a config may."""
+    problem = _overflow(data, _data_children)
+    if problem == "values":
+        raise ConfigError(f"{what} holds more than {MAX_CONFIG_VALUES:,} values (each use of a shared list or "
+                          f"mapping counts); a config holds a few hundred")
+    if problem == "depth":
+        raise ConfigError(f"{what} nests lists and mappings more than {MAX_CONFIG_DEPTH} levels deep "
+                          f"(or contains itself)")
+
+
 def parse_metric(value: Any, key: Path = ("evaluation", "accuracy", "metric")) -> "MetricConfig":
     """A ``MetricConfig`` from a metric in YAML form (``"topk"``, ``{topk: 1}``, ``{MSE: {}}``), as
     given in code; a bad one is a ConfigError naming ``key``."""
+    _check_data(value, f"config key '{_dotted(key)}'")
     try:
         return _METRIC.validate_python(value)
     except ValidationError as e:
@@ -928,6 +1053,7 @@ def load_config(source: ConfigSource = None) -> Config:
     if isinstance(source, Config):
         return source
     if source is None or isinstance(source, Mapping):
+        _check_data(source or {}, "the config mapping")
         return _validate(source or {})
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -940,8 +1066,70 @@ def load_config(source: ConfigSource = None) -> Config:
                       f"got {type(source).__name__}")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
+# --------------------------------------------------------------------------------------
+# YAML files
+# --------------------------------------------------------------------------------------
+
+class _LimitError(yaml.MarkedYAMLError):
+    """A YAML document past MAX_CONFIG_VALUES or MAX_CONFIG_DEPTH: valid YAML, too big to read safely."""
+
+
+class _PythonParser(Reader, Scanner, Parser):
+    """PyYAML's pure-Python event parser, for a PyYAML built without libyaml."""
+
+    def __init__(self, stream: str):
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+
+
+# libyaml's event parser (about 8x faster than Python's) when PyYAML has it; the composer is Python's either way.
+_EventParser: type = yaml.cyaml.CParser if getattr(yaml, "__with_libyaml__", False) else _PythonParser
+
+
+def _node_children(node: yaml.Node) -> Sequence[yaml.Node]:
+    """The key and value nodes of a YAML mapping node, the items of a sequence node; nothing for a scalar."""
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else ()
+
+
+class _StrictLoader(Composer, _EventParser, SafeConstructor, Resolver):
+    """A safe loader (SafeLoader's tags) that refuses duplicate keys, which PyYAML silently overwrites,
+    and documents past the limits: counted while composing, and with aliases expanded (an alias bomb)
+    before anything is constructed."""
+
+    def __init__(self, stream: str):
+        _EventParser.__init__(self, stream)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self._composed = 0  # nodes composed so far, an alias counting once
+        self._depth = 0     # nesting of the node being composed (the document's root is 0)
+
+    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:
+        mark = self.peek_event().start_mark
+        self._composed += 1
+        if self._composed > MAX_CONFIG_VALUES:
+            raise _LimitError(None, None, f"more than {MAX_CONFIG_VALUES:,} values; a config holds a few hundred",
+                              mark)
+        if self._depth > MAX_CONFIG_DEPTH:
+            raise _LimitError(None, None, f"lists and mappings nest more than {MAX_CONFIG_DEPTH} levels deep", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        problem = _overflow(node, _node_children)
+        if problem == "values":
+            raise _LimitError(None, None, f"YAML aliases expand to more than {MAX_CONFIG_VALUES:,} values "
+                                          f"(an alias bomb?)")
+        if problem == "depth":
+            raise _LimitError(None, None, f"YAML aliases nest lists and mappings more than {MAX_CONFIG_DEPTH} "
+                                          f"levels deep (an alias inside its own anchor?)")
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
         seen = set()
@@ -950,17 +1138,21 @@ class _StrictLoader(yaml.SafeLoader):
             try:
                 duplicate = key in seen
                 seen.add(key)
-            except TypeError:  # unhashable key: let SafeLoader report it
+            except TypeError:  # unhashable key: let SafeConstructor report it
                 continue
             if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark)
+                raise ConstructorError("while constructing a mapping", node.start_mark,
+                                       f"found duplicate key {preview(key)}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: str) -> Dict[str, Any]:
-    """The top-level mapping of a YAML file read via ``tf.io.gfile`` (local, gs://, hdfs://...)."""
+def _where(mark: Any) -> str:
+    """", line L, column C" of a YAML error mark; empty without one."""
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _read_text(path: str) -> str:
+    """The text of config file ``path``; its size is checked first and at most MAX_CONFIG_BYTES + 1 bytes are read."""
     import tensorflow as tf  # lazy: keeps ``import tf_bf16.config`` cheap
 
     if not tf.io.gfile.exists(path):
@@ -968,19 +1160,42 @@ def read_yaml(path: str) -> Dict[str, Any]:
     if tf.io.gfile.isdir(path):
         raise ConfigError(f"config file '{path}' is a directory, not a YAML file")
     try:
-        with tf.io.gfile.GFile(path, "r") as f:
-            text = f.read()
-    except (tf.errors.OpError, UnicodeDecodeError) as e:
+        size = tf.io.gfile.stat(path).length
+        data = b""
+        if size <= MAX_CONFIG_BYTES:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)  # also stops a file that grew, or that reports no size
+    except tf.errors.OpError as e:
         raise ConfigError(f"config file '{path}' cannot be read: {e}") from e
+    if size > MAX_CONFIG_BYTES or len(data) > MAX_CONFIG_BYTES:
+        shown = f"{size:,}" if size > MAX_CONFIG_BYTES else f"more than {MAX_CONFIG_BYTES:,}"
+        raise ConfigError(f"config file '{path}' is {shown} bytes; the limit is {MAX_CONFIG_BYTES:,} bytes "
+                          f"(a config is a few kB)")
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e}") from e
+
+
+def _parse_yaml(text: str, path: str) -> Any:
+    """The YAML document in ``text``; ConfigError naming ``path`` (and the line) when it is bad or too big."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeConstructor: plain data only
+    except _LimitError as e:
+        raise ConfigError(f"config file '{path}'{_where(e.problem_mark)}: {e.problem}") from e
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = "; ".join(p for p in (e.context, e.problem) if p)
-        raise ConfigError(f"config file '{path}'{where}: invalid YAML: {problem}") from e
+        raise ConfigError(f"config file '{path}'{_where(e.problem_mark or e.context_mark)}: invalid YAML: "
+                          f"{_cut(problem, 200)}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}': invalid YAML: {e}") from e
+        raise ConfigError(f"config file '{path}': invalid YAML: {_cut(str(e), 200)}") from e
+    except ValueError as e:  # valid YAML that Python cannot build: an int of 5,000 digits, 2001-13-45
+        raise ConfigError(f"config file '{path}': a value cannot be read: {_cut(str(e), 200)}") from e
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    """The top-level mapping of a YAML file read via ``tf.io.gfile`` (local, gs://, hdfs://...), within the limits."""
+    data = _parse_yaml(_read_text(path), path)
     if data is None:
         return {}
     if not isinstance(data, Mapping):

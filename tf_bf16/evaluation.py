@@ -23,10 +23,7 @@ SENSITIVITY_BATCHES = 8        # ... from at most this many batches
 SYNTHETIC_BATCH = 8            # batch size of random inputs when no data is available
 
 
-def _preview(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+_preview = config_lib.preview  # repr cut to 80 characters, built lazily: one helper for every error message
 
 
 # --------------------------------------------------------------------------------------
