@@ -3,15 +3,16 @@ INT8 stage will quantize.
 
 The tensors are fetched directly from one session (``quantize.calibration_tensors`` names
 them), so nothing is parsed from logs. Observers: ``minmax`` (the extremes seen), ``percentile``
-(the mean over batches of each batch's low/high percentile: robust to rare outliers) and
-``kl`` (TensorRT's entropy calibration: the clipping threshold whose 128-level quantized
-histogram is closest in KL divergence to the FP32 histogram of |x|).
+(|x| clipped at its 99.99th percentile over all samples seen: robust to rare outliers) and
+``kl`` (TensorRT's entropy calibration: the clipping threshold whose quantized histogram, 128
+levels or 256 for a tensor that never goes negative, is closest in KL divergence to the FP32
+histogram of |x|).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
@@ -21,7 +22,8 @@ from tf_bf16.errors import ConfigError, EvaluationError
 ALGORITHMS = ("minmax", "percentile", "kl")
 PERCENTILE = 99.99
 KL_BINS = 2048
-KL_LEVELS = 128      # INT8 magnitudes: the quantized histogram KL compares with
+KL_LEVELS = 128      # INT8 magnitudes of a signed tensor: the quantized histogram KL compares with
+KL_LEVELS_UNSIGNED = 256   # UINT8 levels of a tensor that never goes negative
 KL_STRIDE = 16       # candidate thresholds every 16 bins: 121 candidates, same choice within a few %
 
 
@@ -37,23 +39,8 @@ class _MinMax:
         return self.low, self.high
 
 
-class _Percentile:
-    def __init__(self, percentile: float = PERCENTILE) -> None:
-        self.percentile = percentile
-        self.lows: List[float] = []
-        self.highs: List[float] = []
-
-    def update(self, values: np.ndarray) -> None:
-        low, high = np.percentile(values, [100.0 - self.percentile, self.percentile])
-        self.lows.append(float(low))
-        self.highs.append(float(high))
-
-    def result(self) -> Tuple[float, float]:
-        return float(np.mean(self.lows)), float(np.mean(self.highs))
-
-
-class _Entropy:
-    """Histogram of |x| over [0, the largest |x| of the first batch], widened by merging bins."""
+class _AbsHistogram:
+    """Histogram of |x| over [0, the largest |x| seen], widened by merging bin pairs; plus min/max."""
 
     def __init__(self) -> None:
         self.minmax = _MinMax()
@@ -66,40 +53,64 @@ class _Entropy:
         top = float(magnitude.max()) if magnitude.size else 0.0
         if top <= 0.0:
             return
+        if self.edge == 0.0:
+            self.edge = top
         while top > self.edge:
-            if self.edge == 0.0:
-                self.edge = top
-                break
-            # Double the range: pairs of bins merge into the lower half.
             self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(axis=1), np.zeros(KL_BINS // 2)])
             self.edge *= 2.0
         self.counts += np.histogram(magnitude, bins=KL_BINS, range=(0.0, self.edge))[0]
 
-    def result(self) -> Tuple[float, float]:
+    def clipped(self, threshold_bins: int) -> Tuple[float, float]:
+        """min/max clipped to +-(the upper edge of bin ``threshold_bins``)."""
         low, high = self.minmax.result()
         if self.edge == 0.0:
             return low, high
-        threshold = _kl_threshold(self.counts) * self.edge / KL_BINS
+        threshold = threshold_bins * self.edge / KL_BINS
         return max(low, -threshold), min(high, threshold)
 
 
-def _kl_threshold(counts: np.ndarray) -> int:
-    """The bin count (threshold) whose clipped, 128-level-quantized histogram best matches ``counts``."""
+class _Percentile(_AbsHistogram):
+    """Clip |x| at the ``percentile`` of all values seen (rare outliers do not set the range)."""
+
+    def __init__(self, percentile: float = PERCENTILE) -> None:
+        super().__init__()
+        self.percentile = percentile
+
+    def result(self) -> Tuple[float, float]:
+        total = self.counts.sum()
+        if total <= 0:
+            return self.minmax.result()
+        bins = int(np.searchsorted(np.cumsum(self.counts), total * self.percentile / 100.0)) + 1
+        return self.clipped(min(bins, KL_BINS))
+
+
+class _Entropy(_AbsHistogram):
+    """Clip |x| where the INT8 histogram is closest in KL divergence to the FP32 one."""
+
+    def result(self) -> Tuple[float, float]:
+        low, _ = self.minmax.result()
+        if self.edge == 0.0:
+            return self.minmax.result()
+        levels = KL_LEVELS_UNSIGNED if low >= 0.0 else KL_LEVELS
+        return self.clipped(_kl_threshold(self.counts, levels))
+
+
+def _kl_threshold(counts: np.ndarray, levels: int = KL_LEVELS) -> int:
+    """The bin count (threshold) whose clipped, ``levels``-level quantized histogram best matches ``counts``."""
     best, best_kl = len(counts), np.inf
-    total = counts.sum()
-    if total <= 0:
+    if counts.sum() <= 0:
         return best
-    for i in range(KL_LEVELS, len(counts) + 1, KL_STRIDE):
+    for i in range(levels, len(counts) + 1, KL_STRIDE):
         reference = counts[:i].copy()
         reference[-1] += counts[i:].sum()          # outliers clip into the last bin
-        # Quantize the first i bins into KL_LEVELS groups, spread each group's mass over its non-empty bins.
-        groups = np.array_split(np.arange(i), KL_LEVELS)
-        candidate = np.zeros(i)
-        for group in groups:
-            mass = counts[group].sum()
-            nonzero = counts[group] > 0
-            if nonzero.any():
-                candidate[group[nonzero]] = mass / nonzero.sum()
+        # Merge the first i bins into KL_LEVELS groups; spread each group's mass evenly over its
+        # non-empty bins (what dequantizing the clipped INT8 histogram gives back).
+        starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
+        mass = np.add.reduceat(counts[:i], starts)
+        nonzero = counts[:i] > 0
+        filled = np.add.reduceat(nonzero.astype(np.float64), starts)
+        per_bin = np.divide(mass, filled, out=np.zeros_like(mass), where=filled > 0)
+        candidate = np.repeat(per_bin, np.diff(np.append(starts, i))) * nonzero
         p = reference / reference.sum()
         q = candidate / max(candidate.sum(), 1e-12)
         mask = p > 0

@@ -4,8 +4,8 @@ Each Conv2D / DepthwiseConv2dNative / MatMul with constant weights is matched wi
 epilogue TensorFlow's quantized oneDNN ops fuse: BiasAdd, a residual add (convolutions,
 before a ReLU) and ReLU/ReLU6 (ReLU6 is the ReLU requantized to at most 6, which saturates
 there). The pattern becomes one ``Quantized*AndRequantize`` op whose INT8 output feeds the
-next quantized op, pool (``QuantizedMaxPool``/``QuantizedAvgPool``) or concat
-(``QuantizedConcatV2``) directly: a chain starts with one ``QuantizeV2`` and ends in a
+next quantized op, pool (``QuantizedMaxPool``/``QuantizedAvgPool``), reshape
+(``QuantizedReshape``) or concat (``QuantizedConcatV2``) directly: a chain starts with one ``QuantizeV2`` and ends in a
 ``Dequantize`` only where a float op reads it. The ``Dequantize`` takes the name of the
 pattern's last node, so float readers, graph outputs and later stages see the same tensor
 names; unread ones are removed by ``strip_unused``.
@@ -42,7 +42,7 @@ POOLS = {"MaxPool": "QuantizedMaxPool", "AvgPool": "QuantizedAvgPool"}
 NON_NEGATIVE_OPS = frozenset({"Relu", "Relu6", "Softmax", "Sigmoid"})
 # Ops whose output is >= 0 wherever their first input is.
 SIGN_KEEPING_OPS = frozenset({"Reshape", "Squeeze", "ExpandDims", "Identity", "Transpose", "MaxPool", "AvgPool",
-                              "Mean", "StridedSlice", "Slice"})
+                              "Mean", "StridedSlice", "Slice", "Pad", "MirrorPad"})
 RELU6_MAX = 6.0
 
 
@@ -51,6 +51,7 @@ class _Pattern:
     """One contraction and the epilogue nodes its quantized op absorbs."""
 
     contraction: node_def_pb2.NodeDef
+    pad: Optional[node_def_pb2.NodeDef] = None     # a zero Pad folded into the convolution's padding_list
     bias: Optional[node_def_pb2.NodeDef] = None
     add: Optional[node_def_pb2.NodeDef] = None
     summand: Optional[str] = None          # the residual add's other input
@@ -62,10 +63,10 @@ class _Pattern:
 
     @property
     def input(self) -> str:
-        return g.canonical_tensor(self.contraction.input[0])
+        return g.canonical_tensor((self.pad or self.contraction).input[0])
 
     def nodes(self) -> List[node_def_pb2.NodeDef]:
-        return [n for n in (self.contraction, self.bias, self.add, self.relu) if n is not None]
+        return [n for n in (self.pad, self.contraction, self.bias, self.add, self.relu) if n is not None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,15 +99,18 @@ def quantize(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_
     out = g.copy_graph(graph_def)
     index = g.GraphIndex(out)
     builder = _Builder(index, spec)
-    by_contraction = {p.contraction.name: p for p in _patterns(index, context.plan)}
+    # A pattern is built at its last node, after everything it reads (a residual's other branch too).
+    by_output = {p.output.name: p for p in _patterns(index, context.plan)}
     protected = context.plan.protected
     for node in index.topological_order():
-        if node.name in by_contraction:
-            builder.contraction(by_contraction[node.name])
+        if node.name in by_output:
+            builder.contraction(by_output[node.name])
         elif node.op in POOLS and node.name not in protected and _int8_allowed(node, context.plan):
             builder.pool(node)
         elif node.op == "ConcatV2" and node.name not in protected and _int8_allowed(node, context.plan):
             builder.concat(node)
+        elif node.op == "Reshape" and node.name not in protected and _int8_allowed(node, context.plan):
+            builder.reshape(node)
     if not builder.replaced:
         return graph_def
     context.int8_nodes.update(builder.replaced)
@@ -126,14 +130,16 @@ def _patterns(index: g.GraphIndex, plan: PrecisionPlan) -> List[_Pattern]:
     """Every quantizable contraction with its epilogue, in graph order."""
     protected = plan.protected
     found = []
+    claimed: set = set()     # epilogue nodes already taken (a residual add joins two convolutions)
     for node in index.graph_def.node:
         if node.op not in CONTRACTIONS or node.name in protected or not _int8_allowed(node, plan):
             continue
         if node.attr["T"].type != types_pb2.DT_FLOAT or not _weight_ok(node, index):
             continue
-        pattern = _grow(_Pattern(node), index, protected, plan)
+        pattern = _grow(_Pattern(node), index, protected, plan, claimed)
         if node.op == "DepthwiseConv2dNative" and pattern.relu is None:
             continue   # TensorFlow's quantized depthwise ops requantize only after a ReLU
+        claimed.update(n.name for n in pattern.nodes())
         found.append(pattern)
     return found
 
@@ -150,15 +156,18 @@ def _weight_ok(node: node_def_pb2.NodeDef, index: g.GraphIndex) -> bool:
     return list(node.attr["dilations"].list.i) in ([], [1, 1, 1, 1])
 
 
-def _grow(pattern: _Pattern, index: g.GraphIndex, protected: frozenset, plan: PrecisionPlan) -> _Pattern:
-    """Extend a contraction with its sole-reader BiasAdd, residual add (convolutions) and ReLU."""
+def _grow(pattern: _Pattern, index: g.GraphIndex, protected: frozenset, plan: PrecisionPlan,
+          claimed: set) -> _Pattern:
+    """Extend a contraction with its sole-reader BiasAdd, residual add (convolutions) and ReLU,
+    none of them ``claimed`` by an earlier pattern."""
     node = pattern.contraction
+    pattern.pad = _zero_pad(node, index, protected, plan, claimed)
     nxt = _sole_reader(node, index, protected)
     if nxt is not None and nxt.op in BIAS_OPS and is_const(nxt.input[1], index) and _int8_allowed(nxt, plan):
         pattern.bias, node = nxt, nxt
         nxt = _sole_reader(node, index, protected)
     if pattern.contraction.op == "Conv2D" and nxt is not None and nxt.op in ADD_OPS and len(nxt.input) == 2 \
-            and _int8_allowed(nxt, plan):
+            and _int8_allowed(nxt, plan) and nxt.name not in claimed:
         relu = _sole_reader(nxt, index, protected)
         if relu is not None and relu.op == "Relu" and _int8_allowed(relu, plan):   # the fused sum needs the ReLU
             other = [s for s in nxt.input if g.node_name(s) != node.name]
@@ -168,6 +177,21 @@ def _grow(pattern: _Pattern, index: g.GraphIndex, protected: frozenset, plan: Pr
     if nxt is not None and nxt.op in RELU_OPS and _int8_allowed(nxt, plan) and nxt.name not in protected:
         pattern.relu = nxt
     return pattern
+
+
+def _zero_pad(conv: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset, plan: PrecisionPlan,
+              claimed: set) -> Optional[node_def_pb2.NodeDef]:
+    """A zero ``Pad`` of only H and W read by nothing but this VALID convolution (Keras' ZeroPadding2D)."""
+    if conv.op == "MatMul" or conv.attr["padding"].s != b"VALID":
+        return None
+    pad = index.nodes.get(g.node_name(conv.input[0]))
+    if pad is None or pad.op != "Pad" or pad.name in claimed or not _int8_allowed(pad, plan) or \
+            not is_const(pad.input[1], index) or _sole_reader(pad, index, protected) is not conv:
+        return None
+    paddings = np.asarray(g.const_value(index.nodes[g.node_name(pad.input[1])]))
+    if paddings.shape != (4, 2) or paddings[0].any() or paddings[3].any():
+        return None
+    return pad
 
 
 def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
@@ -196,6 +220,10 @@ class _Builder:
         """One quantized op for the pattern, or nothing when an input or range is missing."""
         op = pattern.contraction.op
         source = self._input(pattern.input, needs_unsigned=op != "Conv2D" or pattern.add is not None)
+        if source is None and pattern.add is not None:
+            # The fused residual sum needs a UINT8 input: quantize the convolution alone instead.
+            pattern = dataclasses.replace(pattern, add=None, summand=None, relu=None)
+            source = self._input(pattern.input, needs_unsigned=False)
         if source is None:
             return
         out_range = self._range(g.canonical_tensor(pattern.output.name))
@@ -232,6 +260,9 @@ class _Builder:
             inputs += [summand.values, summand.min, summand.max]
         node = g.make_node(op_type, name, inputs, device=device)
         _copy_attrs(pattern.contraction, node)
+        if pattern.pad is not None:
+            paddings = g.const_value(self.index.nodes[g.node_name(pattern.pad.input[1])])
+            node.attr["padding_list"].list.i.extend(int(v) for v in np.asarray(paddings).reshape(-1))
         for key, dtype in attrs.items():
             node.attr[key].type = dtype
         if op == "MatMul":
@@ -255,6 +286,20 @@ class _Builder:
         for key in ("ksize", "strides", "padding"):
             pooled.attr[key].CopyFrom(node.attr[key])
         self.added.append(pooled)
+        self._replace(node, [node.name], _QTensor(name, f"{name}:1", f"{name}:2", source.dtype))
+
+    def reshape(self, node: node_def_pb2.NodeDef) -> None:
+        """A Reshape of an INT8 tensor (e.g. Flatten before a Dense) reshapes the INT8 values."""
+        source = self.quantized.get(g.canonical_tensor(node.input[0]))
+        attrs = {"T": source.dtype} if source is not None else {}
+        if source is None or not _has_kernel("QuantizedReshape", attrs):
+            return
+        name = self._name(f"{node.name}/int8")
+        reshaped = g.make_node("QuantizedReshape", name, [source.values, node.input[1], source.min, source.max],
+                               device=node.device)
+        reshaped.attr["T"].type = source.dtype
+        reshaped.attr["Tshape"].CopyFrom(node.attr["Tshape"])
+        self.added.append(reshaped)
         self._replace(node, [node.name], _QTensor(name, f"{name}:1", f"{name}:2", source.dtype))
 
     def concat(self, node: node_def_pb2.NodeDef) -> None:
