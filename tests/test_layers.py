@@ -20,7 +20,7 @@ LAYERS = (
     ("errors",),
     ("transforms.*",),
     ("config", "capability", "metrics", "common", "data", "model_io", "model", "report", "inventory",
-     "plan_builder", "pipeline", "sensitivity", "tf_amp", "calibration"),
+     "plan_builder", "pipeline", "sensitivity", "tf_amp", "calibration", "int8_sensitivity"),
     ("evaluation", "tuning"),
     ("mixed_precision", "experimental", "__init__"),
     ("cli", "__main__"),

@@ -35,7 +35,7 @@ from tf_bf16 import pipeline, report as report_lib, sensitivity
 from tf_bf16.errors import EvaluationError
 from tf_bf16.evaluation import Criterion, EvaluationSpec, Evaluator, synthetic_feeds
 from tf_bf16.model import Model
-from tf_bf16.transforms.plan import BF16, PrecisionPlan
+from tf_bf16.transforms.plan import BF16, INT8, PrecisionPlan
 
 # The first guess falls back the top units until the unexplained share of the output error
 # is at most allowed_loss / full_bf16_loss, clipped to this range.
@@ -387,4 +387,209 @@ def format_table(tuning: Mapping[str, Any]) -> str:
     lines.append(f"goal met: {tuning['goal_met']}; {tuning['evaluations']} evaluation(s) besides the baseline "
                  f"({tuning['stopped']}); target {'>=' if tuning['criterion']['higher_is_better'] else '<='} "
                  f"{tuning['criterion']['target']:.4f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# three dtypes: INT8 -> BF16 -> FP32
+# --------------------------------------------------------------------------------------
+
+CONTRACTIONS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul"})
+
+
+@dataclasses.dataclass
+class Int8Trial:
+    """One evaluated INT8/BF16 configuration: the first ``fallback`` ranked INT8 ops run in BF16."""
+
+    number: int
+    phase: str
+    accuracy: float
+    passed: bool
+    fallback: int
+    dtypes: Dict[str, str]            # every candidate op -> "int8" / "bf16" in this trial
+    seconds: float
+    elapsed: float
+    error: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"trial": self.number, "phase": self.phase, "accuracy": self.accuracy, "passed": self.passed,
+               "bf16_fallback": self.fallback, "int8_ops": sum(1 for d in self.dtypes.values() if d == "int8"),
+               "dtypes": dict(self.dtypes), "seconds": round(self.seconds, 4), "elapsed": round(self.elapsed, 3)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def int8_candidates(cleaned: Any, plan: PrecisionPlan, result: pipeline.ConversionResult) -> List[str]:
+    """The contractions the INT8 stage quantized that the user did not force to INT8 (tuning may move them)."""
+    ops = {n.name: n.op for n in cleaned.node}
+    return sorted(n for n in result.int8_nodes
+                  if ops.get(n) in CONTRACTIONS and plan.forced(n, ops[n]) != INT8)
+
+
+def tune_quantized(spec: EvaluationSpec, model: Model, cleaned: Any, plan: PrecisionPlan,
+                   result: pipeline.ConversionResult, base_report: Optional[Mapping[str, Any]] = None,
+                   kernels: bool = False) -> Model:
+    """Accuracy-aware search over INT8 -> BF16 -> FP32 from the full INT8 ``result`` (``plan`` carries
+    the calibrated ranges); returns the chosen model.
+
+    Trial 1 is the full INT8+BF16 conversion. If it fails, the INT8 ops are ranked by their
+    quantization noise (``int8_sensitivity``) and trial 2 runs them all in BF16; if even that
+    fails, the BF16 -> FP32 search (``tune``) takes over from it. Otherwise a bisection finds
+    the fewest most-sensitive ops to give back to BF16: at most ceil(log2 N) + 2 evaluations
+    besides the baseline for N candidate ops. Each trial records every candidate's dtype.
+    """
+    from tf_bf16 import int8_sensitivity
+
+    start = time.perf_counter()
+    extra = {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
+    if spec.performance_only:
+        report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
+        report["tuning"] = {"skipped": "tuning.exit_policy.performance_only"}
+        return model.with_graph_def(result.graph_def, report)
+    evaluator, criterion = spec.evaluator, spec.criterion
+    t0 = time.perf_counter()
+    baseline = evaluator(model)
+    baseline_seconds = time.perf_counter() - t0
+    if not math.isfinite(baseline):
+        raise EvaluationError(f"the FP32 baseline evaluated to {baseline}; the evaluation must return a finite number")
+    candidates = int8_candidates(cleaned, plan, result)
+    feeds = evaluator.sample_feeds(model.input_names) or synthetic_feeds(model, spec.random_seed)
+    scores = int8_sensitivity.int8_noise(cleaned, plan.quantization.ranges if plan.quantization else {},
+                                         candidates, model.input_names, feeds)
+    ranked = sorted(candidates, key=lambda n: (-scores.get(n, 0.0), n))
+    tuner = _Int8Search(model, cleaned, plan, ranked, evaluator, criterion, baseline, spec, kernels, start)
+    tuner.evaluate(0, "full int8", result)
+    if not tuner.passed(0) and ranked:
+        if tuner.evaluate(len(ranked), "all bf16") is False:
+            logging.info("tf_bf16 tuning: every INT8 op in BF16 still misses the goal; searching BF16 -> FP32")
+            # The plain BF16 plan (no INT8 stage, no forced BF16) lets tune() move any node to FP32.
+            bf16_plan = dataclasses.replace(plan, quantization=None)
+            bf16_result = pipeline.convert_cleaned(cleaned, bf16_plan, kernels)
+            tuned = tune(spec, model, bf16_plan, bf16_result, base_report, kernels)
+            tuned.report.setdefault("tuning", {})["int8"] = tuner.summary(scores, None)
+            return tuned
+        low, high = 0, len(ranked)
+        while high - low > 1:
+            middle = (low + high) // 2
+            outcome = tuner.evaluate(middle, "bisect")
+            if outcome is None:
+                break
+            low, high = (low, middle) if outcome else (middle, high)
+    return tuner.finish(scores, baseline_seconds, extra)
+
+
+class _Int8Search:
+    """Trials of one ``tune_quantized`` call: conversion per fallback count, budget, bookkeeping."""
+
+    def __init__(self, model: Model, cleaned: Any, plan: PrecisionPlan, ranked: Sequence[str], evaluator: Evaluator,
+                 criterion: Criterion, baseline: float, spec: EvaluationSpec, kernels: bool, start: float):
+        self.model, self.cleaned, self.plan, self.ranked = model, cleaned, plan, list(ranked)
+        self.evaluator, self.criterion, self.baseline = evaluator, criterion, baseline
+        self.max_trials, self.timeout, self.kernels, self.start = spec.max_trials, spec.timeout, kernels, start
+        self.trials: List[Int8Trial] = []
+        self.results: Dict[int, pipeline.ConversionResult] = {}
+        self.outcomes: Dict[int, bool] = {}
+        self.stopped = ""
+
+    def plan_for(self, fallback: int) -> PrecisionPlan:
+        """The plan with the ``fallback`` most sensitive INT8 ops forced to BF16."""
+        forced = dict(self.plan.node_precisions)
+        forced.update({name: BF16 for name in self.ranked[:fallback]})
+        return dataclasses.replace(self.plan, node_precisions=forced)
+
+    def passed(self, fallback: int) -> bool:
+        return self.outcomes.get(fallback, False)
+
+    def evaluate(self, fallback: int, phase: str, result: Optional[pipeline.ConversionResult] = None) -> Optional[bool]:
+        """Convert (unless given) and evaluate one configuration; None when the exit policy stops the search."""
+        if fallback in self.outcomes:
+            return self.outcomes[fallback]
+        if self.trials and (len(self.trials) >= self.max_trials or
+                            (self.timeout > 0 and time.perf_counter() - self.start >= self.timeout)):
+            self.stopped = "max_trials reached" if len(self.trials) >= self.max_trials else "timeout reached"
+            return None
+        t0 = time.perf_counter()
+        if result is None:
+            result = pipeline.convert_cleaned(self.cleaned, self.plan_for(fallback), self.kernels)
+        candidate = self.model.with_graph_def(result.graph_def)
+        error = ""
+        try:
+            accuracy = self.evaluator(candidate)
+        except Exception as e:  # noqa: BLE001 - a broken candidate is a failed trial, not a crash
+            accuracy, error = float("nan"), f"{type(e).__name__}: {e}"
+            logging.warning("tf_bf16 tuning: evaluating trial %d failed: %s", len(self.trials) + 1, error)
+        finally:
+            candidate.close()
+        passed = self.criterion.passes(accuracy, self.baseline)
+        dtypes = {name: (BF16 if i < fallback else INT8) for i, name in enumerate(self.ranked)}
+        trial = Int8Trial(len(self.trials) + 1, phase, accuracy, passed, fallback, dtypes,
+                          time.perf_counter() - t0, time.perf_counter() - self.start, error)
+        self.trials.append(trial)
+        self.results[fallback] = result
+        self.outcomes[fallback] = passed
+        logging.info("tf_bf16 tuning: trial %d [%s] accuracy %.4f (target %.4f, baseline %.4f) %s | "
+                     "%d of %d INT8 op(s) in BF16 | %.2fs", trial.number, phase, accuracy,
+                     self.criterion.target(self.baseline), self.baseline, "PASS" if passed else "fail",
+                     fallback, len(self.ranked), trial.seconds)
+        return passed
+
+    def best(self) -> int:
+        """The passing trial with the fewest BF16 fallbacks, else the most accurate one."""
+        passing = [t for t in self.trials if t.passed]
+        if passing:
+            return min(passing, key=lambda t: t.fallback).fallback
+        scored = [t for t in self.trials if math.isfinite(t.accuracy)] or self.trials
+        best = scored[0]
+        for t in scored[1:]:
+            if self.criterion.better(t.accuracy, best.accuracy):
+                best = t
+        return best.fallback
+
+    def summary(self, scores: Mapping[str, float], best: Optional[int]) -> Dict[str, Any]:
+        return {"candidates": len(self.ranked), "ranking": [{"node": n, "noise": round(scores.get(n, 0.0), 8)}
+                                                           for n in self.ranked[:20]],
+                "trials": [t.to_dict() for t in self.trials], "best_fallback": best}
+
+    def finish(self, scores: Mapping[str, float], baseline_seconds: float, extra: Dict[str, Any]) -> Model:
+        """The chosen model with its report: the trial table shows every candidate's dtype per trial."""
+        fallback = self.best()
+        best = next(t for t in self.trials if t.fallback == fallback)
+        result = self.results[fallback]
+        reasons = dict(result.fp32_reasons)
+        report = report_lib.build_report(self.model.graph_def, result.graph_def, reasons, extra)
+        goal_met = best.passed
+        report["tuning"] = {
+            "baseline": {"accuracy": self.baseline, "seconds": round(baseline_seconds, 4)},
+            "criterion": self.criterion.to_dict(self.baseline),
+            "exit_policy": {"timeout": self.timeout, "max_trials": self.max_trials},
+            "int8": self.summary(scores, fallback),
+            "best": best.to_dict(),
+            "goal_met": goal_met,
+            "evaluations": len(self.trials),
+            "stopped": self.stopped or ("goal met" if goal_met else "search exhausted"),
+            "seconds": round(time.perf_counter() - self.start, 3),
+        }
+        report["goal_met"] = goal_met
+        for line in format_int8_table(report["tuning"]).splitlines():
+            logging.info(line)
+        if not goal_met:
+            logging.warning("tf_bf16 tuning: no INT8/BF16 model met the accuracy goal (target %.4f, baseline %.4f); "
+                            "returning the most accurate one (trial %d, accuracy %.4f). report['goal_met'] is False.",
+                            self.criterion.target(self.baseline), self.baseline, best.number, best.accuracy)
+        return self.model.with_graph_def(result.graph_def, report)
+
+
+def format_int8_table(tuning: Mapping[str, Any]) -> str:
+    """The trial table: accuracy per trial and each candidate op's dtype (I = INT8, B = BF16)."""
+    trials = tuning["int8"]["trials"]
+    names = list(trials[0]["dtypes"]) if trials else []
+    header = f"{'Trial':<8}{'Accuracy':>10}{'Passed':>8}{'BF16':>6}  " + " ".join(f"op{i}" for i in range(len(names)))
+    lines = ["Tune Result Statistics (INT8 -> BF16)", header, "-" * len(header),
+             f"{'FP32':<8}{tuning['baseline']['accuracy']:>10.4f}{'-':>8}{'-':>6}"]
+    for t in trials:
+        marks = " ".join(f"{'B' if t['dtypes'][n] == BF16 else 'I':>3}" for n in names)
+        lines.append(f"{t['trial']:<8}{t['accuracy']:>10.4f}{'yes' if t['passed'] else 'no':>8}"
+                     f"{t['bf16_fallback']:>6}  {marks}")
+    lines.extend(f"op{i} = {name}" for i, name in enumerate(names))
     return "\n".join(lines)

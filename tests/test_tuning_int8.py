@@ -1,0 +1,101 @@
+"""Tests for tuning.tune_quantized: INT8 -> BF16 -> FP32 fallback in few evaluations."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import zoo
+from tf_bf16 import calibration, config as config_lib, evaluation, int8_sensitivity, pipeline, tuning
+from tf_bf16.model import Model
+from tf_bf16.plan_builder import build_plan
+from tf_bf16.transforms.plan import QuantizationSpec
+from tf_bf16.transforms.quantize import calibration_tensors
+
+CONTRACTION_PREFIXES = ("QuantizedConv2D", "QuantizedMatMul", "QuantizedDepthwise")
+
+
+@pytest.fixture(scope="module")
+def quantized_digits(digits):
+    """(model, cleaned, plan with ranges, full INT8 result) for the trained digits CNN."""
+    keras_model, _ = digits
+    model = Model(keras_model)
+    plan = build_plan(model.graph_def, model.input_names, model.output_names)
+    cleaned = pipeline.clean_up(model.graph_def, plan)
+    x_train = zoo.digits_data()[0]
+    feeds = [{model.input_names[0]: x_train[i:i + 50]} for i in range(0, 200, 50)]
+    ranges = calibration.calibrate(cleaned, model.input_names, calibration_tensors(cleaned, plan), feeds, 200)
+    plan = dataclasses.replace(plan, quantization=QuantizationSpec(ranges))
+    return model, cleaned, plan, pipeline.convert_cleaned(cleaned, plan)
+
+
+def _spec(eval_func, **criterion):
+    conf = config_lib.load_config({"tuning": {"accuracy_criterion": criterion or {"relative": 0.0}}})
+    return evaluation.build_evaluation(conf, eval_func=eval_func)
+
+
+def _int8_ops(model: Model) -> int:
+    return sum(1 for n in model.graph_def.node if n.op.startswith(CONTRACTION_PREFIXES))
+
+
+def test_full_int8_that_passes_is_kept_after_one_trial(quantized_digits, digits):
+    model, cleaned, plan, result = quantized_digits
+    _, (x_test, y_test) = digits
+    spec = _spec(lambda m: zoo.accuracy(m.run([x_test])[0], y_test), relative=0.02)
+    tuned = tuning.tune_quantized(spec, model, cleaned, plan, result)
+    assert tuned.report["tuning"]["evaluations"] == 1 and tuned.report["goal_met"]
+    assert _int8_ops(tuned) == 4
+
+
+def test_bisection_finds_the_fewest_bf16_fallbacks_within_the_evaluation_bound(quantized_digits):
+    model, cleaned, plan, result = quantized_digits
+    candidates = tuning.int8_candidates(cleaned, plan, result)
+    n = len(candidates)
+    assert n == 4
+    # A goal that needs all but one op out of INT8: passes when at most one INT8 contraction is left.
+    spec = _spec(lambda m: 1.0 if _int8_ops(m) <= 1 else 0.0)
+    tuned = tuning.tune_quantized(spec, model, cleaned, plan, result)
+    info = tuned.report["tuning"]
+    assert info["goal_met"] and _int8_ops(tuned) == 1
+    assert info["evaluations"] <= math.ceil(math.log2(n)) + 2
+    best = info["best"]
+    assert sorted(best["dtypes"].values()) == ["bf16"] * (n - 1) + ["int8"]
+    # The op left in INT8 is the least noisy one.
+    scores = int8_sensitivity.int8_noise(cleaned, plan.quantization.ranges, candidates, model.input_names,
+                                         [{model.input_names[0]: zoo.digits_data()[0][:50]}])
+    kept = [name for name, dtype in best["dtypes"].items() if dtype == "int8"]
+    assert kept == [min(candidates, key=lambda c: scores[c])]
+    for trial in info["int8"]["trials"]:
+        assert set(trial["dtypes"]) == set(candidates)
+
+
+def test_when_even_all_bf16_fails_the_bf16_to_fp32_search_takes_over(quantized_digits):
+    model, cleaned, plan, result = quantized_digits
+    fp32_matmuls = lambda m: sum(1 for n in m.graph_def.node                             # noqa: E731
+                                 if n.op == "MatMul" and n.attr["T"].type == tf.float32.as_datatype_enum)
+    spec = _spec(lambda m: 1.0 if _int8_ops(m) == 0 and fp32_matmuls(m) >= 1 else 0.0)
+    tuned = tuning.tune_quantized(spec, model, cleaned, plan, result)
+    assert tuned.report["goal_met"]
+    assert _int8_ops(tuned) == 0 and fp32_matmuls(tuned) >= 1
+    assert tuned.report["tuning"]["int8"]["trials"][1]["phase"] == "all bf16"
+
+
+def test_noise_ranks_a_layer_whose_input_range_a_rare_outlier_stretched_first():
+    graph = tf.Graph()
+    rng = np.random.default_rng(0)
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 16], name="x")
+        w = rng.standard_normal((16, 16)).astype(np.float32)
+        h1 = tf.nn.relu(tf.matmul(tf.nn.relu(x), tf.constant(w)), name="a")
+        tf.nn.relu(tf.matmul(h1, tf.constant(w)), name="b")
+    gd = graph.as_graph_def()
+    names = [n.name for n in gd.node if n.op == "MatMul"]
+    feeds = [{"x": rng.standard_normal((32, 16)).astype(np.float32)}]
+    # Both inputs typically reach ~4; a calibration outlier stretched "a" to 400: a 100x coarser step.
+    ranges = {"Relu": (0.0, 4.0), "a": (0.0, 400.0)}
+    scores = int8_sensitivity.int8_noise(gd, ranges, names, ["x"], feeds)
+    assert scores[names[1]] > 10 * scores[names[0]]
