@@ -9,6 +9,10 @@
   (what a user gets from TensorFlow alone); its counts are not known offline.
 * ``tf_bf16``: ``build_plan`` + ``pipeline.convert_graph`` (what ``MixedPrecision()`` does
   without tuning data; called directly so the benchmark host needs no PyYAML).
+* ``tf_bf16_int8``: the three stages (INT8 generation calibrated with minmax on
+  ``INT8_CALIBRATION_BATCHES`` random batches of ``INT8_CALIBRATION_BATCH`` samples, then BF16,
+  then cast folding): what ``Quantization()`` does without tuning data. Its convert seconds
+  include calibration. Needs oneDNN on (the bench turns it on).
 * ``tf_bf16_kernels``: the same with ``kernels=True`` (tf_bf16's fused oneDNN ops), only where
   the kernel library is built (``python -m tf_bf16.kernels.build``).
 * ``inc``: Intel Neural Compressor 3.x (``neural-compressor-tf``) BF16 rewrite, only where it
@@ -28,8 +32,9 @@ import os
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "tf_bf16_kernels", "inc",
+VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "tf_bf16_int8", "tf_bf16_kernels", "inc",
             "openvino_f32", "openvino_bf16")
+INT8_CALIBRATION_BATCHES, INT8_CALIBRATION_BATCH = 2, 4
 
 
 @dataclasses.dataclass
@@ -100,6 +105,35 @@ def tf_bf16(model: Any, kernels: bool = False) -> Variant:
     extra = {"convert_stages": stages, **({"kernel_nodes": result.kernel_nodes} if kernels else {})}
     return Variant("tf_bf16_kernels" if kernels else "tf_bf16", model.with_graph_def(result.graph_def),
                    _summary(model.graph_def, result.graph_def), seconds, extra=extra)
+
+
+def tf_bf16_int8(model: Any) -> Variant:
+    """Clean-up, minmax calibration on random inputs, then INT8 + BF16 + cast folding."""
+    from bench.common import tests_module
+    from tf_bf16 import calibration, pipeline
+    from tf_bf16.plan_builder import build_plan
+    from tf_bf16.transforms.plan import QuantizationSpec
+    from tf_bf16.transforms.quantize import calibration_tensors
+
+    zoo = tests_module("zoo")
+    feeds = [dict(zip(model.input_names, zoo.sample_inputs(model, batch=INT8_CALIBRATION_BATCH, seed=100 + i)))
+             for i in range(INT8_CALIBRATION_BATCHES)]
+    start = time.perf_counter()
+    plan = build_plan(model.graph_def, model.input_names, model.output_names)
+    cleaned = pipeline.clean_up(model.graph_def, plan)
+    t_clean = time.perf_counter()
+    ranges = calibration.calibrate(cleaned, model.input_names, calibration_tensors(cleaned, plan), feeds,
+                                   INT8_CALIBRATION_BATCHES * INT8_CALIBRATION_BATCH)
+    t_calib = time.perf_counter()
+    result = pipeline.convert_cleaned(cleaned, dataclasses.replace(plan, quantization=QuantizationSpec(ranges)))
+    seconds = time.perf_counter() - start
+    ops = [n.op for n in result.graph_def.node]
+    extra = {"convert_stages": {"clean_up": round(t_clean - start, 3), "calibration": round(t_calib - t_clean, 3),
+                                "convert": round(seconds - (t_calib - start), 3)},
+             "int8_nodes": len(result.int8_nodes), "quantize_v2": ops.count("QuantizeV2"),
+             "dequantize": ops.count("Dequantize")}
+    return Variant("tf_bf16_int8", model.with_graph_def(result.graph_def), _summary(model.graph_def, result.graph_def),
+                   seconds, extra=extra)
 
 
 def kernels_available() -> Tuple[bool, str]:
@@ -203,7 +237,7 @@ def inc(model: Any) -> Variant:
 
 BUILDERS: Mapping[str, Callable[[Any], Variant]] = {
     "fp32": fp32, "fp32_cleaned": fp32_cleaned, "tf_amp": tf_amp, "tf_amp_runtime": tf_amp_runtime, "tf_bf16": tf_bf16,
-    "tf_bf16_kernels": lambda model: tf_bf16(model, kernels=True), "inc": inc,
+    "tf_bf16_int8": tf_bf16_int8, "tf_bf16_kernels": lambda model: tf_bf16(model, kernels=True), "inc": inc,
     "openvino_f32": lambda model: openvino(model, "f32"), "openvino_bf16": lambda model: openvino(model, "bf16")}
 # Variants that need an optional package: name -> check returning (available, version or reason).
 OPTIONAL: Mapping[str, Callable[[], Tuple[bool, str]]] = {

@@ -213,15 +213,7 @@ class _Tuner:
         if not self.budget_left():
             return None
         t0 = time.perf_counter()
-        candidate = self.model.with_graph_def(result.graph_def)
-        error = ""
-        try:
-            accuracy = self.evaluator(candidate)
-        except Exception as e:  # noqa: BLE001 - a broken candidate is a failed trial, not a crash
-            accuracy, error = float("nan"), f"{type(e).__name__}: {e}"
-            logging.warning("tf_bf16 tuning: evaluating trial %d failed: %s", len(self.trials) + 1, error)
-        finally:
-            candidate.close()
+        accuracy, error = _score(self.evaluator, self.model, result.graph_def, len(self.trials) + 1)
         summary = report_lib.build_report(self.model.graph_def, result.graph_def, {})["summary"]
         trial = Trial(number=len(self.trials) + 1, phase=phase, accuracy=accuracy,
                       passed=self.criterion.passes(accuracy, self.baseline), bf16_share=summary["bf16_share"],
@@ -280,19 +272,11 @@ def tune(spec: EvaluationSpec, model: Model, plan: PrecisionPlan, result: pipeli
     ``kernels`` re-runs each trial's conversion with the kernel rewrite, as ``result`` was made.
     """
     start = time.perf_counter()
-    extra = {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
+    extra = _extra(base_report)
     if spec.performance_only:
-        logging.info("tf_bf16 tuning: exit_policy.performance_only is set; no accuracy evaluation")
-        report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
-        report["tuning"] = {"skipped": "tuning.exit_policy.performance_only"}
-        return model.with_graph_def(result.graph_def, report)
-
+        return _untuned(model, result, extra)
     evaluator, criterion = spec.evaluator, spec.criterion
-    t0 = time.perf_counter()
-    baseline = evaluator(model)
-    baseline_seconds = time.perf_counter() - t0
-    if not math.isfinite(baseline):
-        raise EvaluationError(f"the FP32 baseline evaluated to {baseline}; the evaluation must return a finite number")
+    baseline, baseline_seconds = _baseline(evaluator, model)
     logging.info("tf_bf16 tuning: FP32 baseline %.4f (%.2fs); criterion %s %g -> target %s %.4f",
                  baseline, baseline_seconds, criterion.kind, criterion.tolerable_loss,
                  ">=" if criterion.higher_is_better else "<=", criterion.target(baseline))
@@ -325,6 +309,42 @@ def tune(spec: EvaluationSpec, model: Model, plan: PrecisionPlan, result: pipeli
             if not tuner.passed_any():
                 tuner.evaluate_set(found, "fallback")
     return _finish(tuner, model, result, ranking, baseline, baseline_seconds, criterion, extra, len(result.bf16_nodes))
+
+
+def _score(evaluator: Evaluator, model: Model, graph_def: Any, number: int) -> Tuple[float, str]:
+    """(accuracy, error text) of ``model`` run as ``graph_def``; a candidate that fails to run is a
+    failed trial (NaN), not a crash."""
+    candidate = model.with_graph_def(graph_def)
+    try:
+        return evaluator(candidate), ""
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+        logging.warning("tf_bf16 tuning: evaluating trial %d failed: %s", number, error)
+        return float("nan"), error
+    finally:
+        candidate.close()
+
+
+def _extra(base_report: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The conversion report's keys a tuned report keeps (target, timings ...)."""
+    return {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
+
+
+def _untuned(model: Model, result: pipeline.ConversionResult, extra: Dict[str, Any]) -> Model:
+    """``exit_policy.performance_only``: the conversion as it is, no evaluation at all."""
+    logging.info("tf_bf16 tuning: exit_policy.performance_only is set; no accuracy evaluation")
+    report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
+    report["tuning"] = {"skipped": "tuning.exit_policy.performance_only"}
+    return model.with_graph_def(result.graph_def, report)
+
+
+def _baseline(evaluator: Evaluator, model: Model) -> Tuple[float, float]:
+    """(FP32 accuracy, seconds it took); EvaluationError when it is not a finite number."""
+    t0 = time.perf_counter()
+    baseline = evaluator(model)
+    if not math.isfinite(baseline):
+        raise EvaluationError(f"the FP32 baseline evaluated to {baseline}; the evaluation must return a finite number")
+    return baseline, time.perf_counter() - t0
 
 
 def _finish(tuner: _Tuner, model: Model, full: pipeline.ConversionResult, ranking: Optional[sensitivity.Ranking],
@@ -442,17 +462,11 @@ def tune_quantized(spec: EvaluationSpec, model: Model, cleaned: Any, plan: Preci
     from tf_bf16 import int8_sensitivity
 
     start = time.perf_counter()
-    extra = {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
+    extra = _extra(base_report)
     if spec.performance_only:
-        report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
-        report["tuning"] = {"skipped": "tuning.exit_policy.performance_only"}
-        return model.with_graph_def(result.graph_def, report)
+        return _untuned(model, result, extra)
     evaluator, criterion = spec.evaluator, spec.criterion
-    t0 = time.perf_counter()
-    baseline = evaluator(model)
-    baseline_seconds = time.perf_counter() - t0
-    if not math.isfinite(baseline):
-        raise EvaluationError(f"the FP32 baseline evaluated to {baseline}; the evaluation must return a finite number")
+    baseline, baseline_seconds = _baseline(evaluator, model)
     candidates = int8_candidates(cleaned, plan, result)
     feeds = evaluator.sample_feeds(model.input_names) or synthetic_feeds(model, spec.random_seed)
     scores = int8_sensitivity.int8_noise(cleaned, plan.quantization.ranges if plan.quantization else {},
@@ -512,15 +526,7 @@ class _Int8Search:
         t0 = time.perf_counter()
         if result is None:
             result = pipeline.convert_cleaned(self.cleaned, self.plan_for(fallback), self.kernels)
-        candidate = self.model.with_graph_def(result.graph_def)
-        error = ""
-        try:
-            accuracy = self.evaluator(candidate)
-        except Exception as e:  # noqa: BLE001 - a broken candidate is a failed trial, not a crash
-            accuracy, error = float("nan"), f"{type(e).__name__}: {e}"
-            logging.warning("tf_bf16 tuning: evaluating trial %d failed: %s", len(self.trials) + 1, error)
-        finally:
-            candidate.close()
+        accuracy, error = _score(self.evaluator, self.model, result.graph_def, len(self.trials) + 1)
         passed = self.criterion.passes(accuracy, self.baseline)
         dtypes = {name: (BF16 if i < fallback else INT8) for i, name in enumerate(self.ranked)}
         trial = Int8Trial(len(self.trials) + 1, phase, accuracy, passed, fallback, dtypes,
