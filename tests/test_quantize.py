@@ -136,13 +136,19 @@ def _dense_graph(signed: bool):
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_matmul_quantizes_only_with_an_unsigned_input(signed):
+def test_matmul_of_unsigned_input_chains_and_of_signed_input_dequantizes(signed):
     model = _dense_graph(signed)
     feeds = [np.random.default_rng(2).standard_normal((256, 16)).astype(np.float32)]
     converted, _, _ = _quantized(model, feeds)
     ops = _ops(converted)
-    assert (ops["MatMul"] == 1) == signed
-    assert (ops["QuantizedMatMulWithBiasAndReluAndRequantize"] == 1) == (not signed)
+    assert "MatMul" not in ops
+    if signed:     # INT8 x INT8 -> FP32 with the bias fused; the ReLU stays a float op
+        (matmul,) = [n for n in converted.node if n.op == "_QuantizedMatMul"]
+        assert [s.decode() for s in matmul.attr["fused_ops"].list.s] == ["BiasAdd", "Dequantize"]
+        assert ops["Relu"] == 1
+    else:
+        assert ops["QuantizedMatMulWithBiasAndReluAndRequantize"] == 1
+        assert ops["Relu"] == 1        # the input's ReLU; the output's is fused
     x = [feeds[0][:4]]     # inside the calibrated ranges
     assert _rel_err(model.with_graph_def(converted).run(x)[0], model.run(x)[0]) < 3e-2
 

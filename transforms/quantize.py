@@ -11,8 +11,10 @@ pattern's last node, so float readers, graph outputs and later stages see the sa
 names; unread ones are removed by ``strip_unused``.
 
 Activations are UINT8 where provably non-negative (the output of a ReLU or of a quantized
-ReLU pattern, or a pool/concat of such), otherwise INT8 with a symmetric range; MatMul,
-depthwise and residual-sum ops take only UINT8 inputs, so a signed input keeps them float.
+ReLU pattern, or a pool/concat of such), otherwise INT8 with a symmetric range. Depthwise and
+residual-sum ops take only UINT8 inputs (a signed input keeps the depthwise float and the sum
+outside); a MatMul of a signed input (BERT's dense layers) becomes ``_QuantizedMatMul``
+(INT8 x INT8, bias and dequantization fused, FP32 out), which ends its chain.
 Weights are symmetric INT8, per output channel unless the plan asks per tensor. Ranges come
 from ``plan.quantization.ranges`` (see ``calibration_tensors``); a node the plan forces to
 BF16 or FP32 stays float for the later stages.
@@ -44,6 +46,7 @@ NON_NEGATIVE_OPS = frozenset({"Relu", "Relu6", "Softmax", "Sigmoid"})
 SIGN_KEEPING_OPS = frozenset({"Reshape", "Squeeze", "ExpandDims", "Identity", "Transpose", "MaxPool", "AvgPool",
                               "Mean", "StridedSlice", "Slice", "Pad", "MirrorPad"})
 RELU6_MAX = 6.0
+SIGNED_MATMUL = "_QuantizedMatMul"   # INT8 x INT8 -> FP32; takes one weight range (per tensor)
 
 
 @dataclasses.dataclass
@@ -80,11 +83,17 @@ class _QTensor:
 
 
 def calibration_tensors(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> List[str]:
-    """The float tensors whose (min, max) the pass needs: pattern inputs, outputs and summands."""
+    """The float tensors whose (min, max) the pass needs: pattern inputs, requantized outputs, summands."""
     index = g.GraphIndex(graph_def)
     wanted: List[str] = []
     for pattern in _patterns(index, plan):
+        unsigned = _non_negative(pattern.input, index)
+        op = pattern.contraction.op
+        if op == "DepthwiseConv2dNative" and not unsigned:
+            continue                                       # stays float: nothing to calibrate
         wanted.append(pattern.input)
+        if op == "MatMul" and not unsigned:
+            continue                                       # _QuantizedMatMul to FP32: no output range
         wanted.append(g.canonical_tensor(pattern.output.name))
         if pattern.summand is not None:
             wanted.append(g.canonical_tensor(pattern.summand))
@@ -194,6 +203,21 @@ def _zero_pad(conv: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozen
     return pad
 
 
+def _non_negative(tensor: str, index: g.GraphIndex, depth: int = 0) -> bool:
+    """Provably >= 0: a ReLU-like op's output, or that moved, reshaped, max-pooled or concatenated."""
+    producer = index.nodes.get(g.node_name(tensor))
+    if producer is None or depth > 16:
+        return False
+    if producer.op in NON_NEGATIVE_OPS:
+        return True
+    if producer.op in SIGN_KEEPING_OPS:
+        return _non_negative(g.canonical_tensor(producer.input[0]), index, depth + 1)
+    if producer.op == "ConcatV2":
+        values = [s for s in producer.input if not s.startswith("^")][:-1]
+        return bool(values) and all(_non_negative(g.canonical_tensor(v), index, depth + 1) for v in values)
+    return False
+
+
 def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
     readers = data_readers(node, index, protected)
     return readers[0] if readers is not None and len(readers) == 1 else None
@@ -219,6 +243,9 @@ class _Builder:
     def contraction(self, pattern: _Pattern) -> None:
         """One quantized op for the pattern, or nothing when an input or range is missing."""
         op = pattern.contraction.op
+        if op == "MatMul" and not _non_negative(pattern.input, self.index):
+            self._signed_matmul(pattern)
+            return
         source = self._input(pattern.input, needs_unsigned=op != "Conv2D" or pattern.add is not None)
         if source is None and pattern.add is not None:
             # The fused residual sum needs a UINT8 input: quantize the convolution alone instead.
@@ -275,6 +302,33 @@ class _Builder:
             return
         self._replace(pattern.output, removed, _QTensor(name, f"{name}:1", f"{name}:2", out_type))
 
+    def _signed_matmul(self, pattern: _Pattern) -> None:
+        """A MatMul of a signed activation: INT8 x INT8 with the bias and the dequantization fused
+        (``_QuantizedMatMul``, FP32 output under the pattern's name); a ReLU after it stays float."""
+        attrs = {"T1": QINT8, "T2": QINT8, "Tbias": types_pb2.DT_FLOAT, "Tout": types_pb2.DT_FLOAT}
+        if not _has_kernel(SIGNED_MATMUL, attrs):
+            return
+        source = self._input(pattern.input, needs_unsigned=False)
+        if source is None or source.dtype != QINT8:
+            return
+        pattern = dataclasses.replace(pattern, relu=None)
+        weights, w_min, w_max = self._weights(pattern)
+        inputs = [source.values, weights, self._bias(pattern), source.min, source.max, w_min, w_max]
+        node = g.make_node(SIGNED_MATMUL, pattern.output.name, inputs, device=pattern.contraction.device)
+        for key, dtype in attrs.items():
+            node.attr[key].type = dtype
+        node.attr["U"].type = types_pb2.DT_FLOAT
+        node.attr["Thost_inputs"].list.type.extend([QINT8, QINT8] + [types_pb2.DT_FLOAT] * 5)
+        node.attr["Thost_outputs"].list.type.append(types_pb2.DT_FLOAT)
+        node.attr["Tdevice_inputs"].list.SetInParent()
+        node.attr["Tdevice_outputs"].list.SetInParent()
+        node.attr["fused_ops"].list.s.extend([b"BiasAdd", b"Dequantize"])
+        node.attr["input_quant_mode"].s = node.attr["output_quant_mode"].s = b"SCALED"
+        _copy_attrs(pattern.contraction, node)
+        self.added.append(node)
+        self.removed.update(n.name for n in pattern.nodes())
+        self.replaced.update(n.name for n in pattern.nodes())
+
     def pool(self, node: node_def_pb2.NodeDef) -> None:
         """A pool of an INT8 tensor pools the INT8 values; the range passes through."""
         source = self.quantized.get(g.canonical_tensor(node.input[0]))
@@ -327,7 +381,7 @@ class _Builder:
         value_range = self._range(tensor)
         if value_range is None:
             return None
-        unsigned = self._non_negative(tensor)
+        unsigned = _non_negative(tensor, self.index)
         if needs_unsigned and not unsigned:
             return None
         dtype = QUINT8 if unsigned else QINT8
@@ -346,20 +400,6 @@ class _Builder:
             self.added.append(node)
             self.quantize_nodes[key] = _QTensor(name, f"{name}:1", f"{name}:2", dtype)
         return self.quantize_nodes[key]
-
-    def _non_negative(self, tensor: str, depth: int = 0) -> bool:
-        """Provably >= 0: a ReLU-like op's output, or that moved, reshaped, max-pooled or concatenated."""
-        producer = self.index.nodes.get(g.node_name(tensor))
-        if producer is None or depth > 16:
-            return False
-        if producer.op in NON_NEGATIVE_OPS:
-            return True
-        if producer.op in SIGN_KEEPING_OPS:
-            return self._non_negative(g.canonical_tensor(producer.input[0]), depth + 1)
-        if producer.op == "ConcatV2":
-            values = [s for s in producer.input if not s.startswith("^")][:-1]
-            return bool(values) and all(self._non_negative(g.canonical_tensor(v), depth + 1) for v in values)
-        return False
 
     def _range(self, tensor: str) -> Optional[Tuple[float, float]]:
         found = self.spec.ranges.get(tensor)
