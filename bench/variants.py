@@ -18,6 +18,8 @@
 * ``inc``: Intel Neural Compressor 3.x (``neural-compressor-tf``) BF16 rewrite, only where it
   is installed: its pre-optimization, then its ``BF16Convert`` on every node of the op types its
   own capability table lists as BF16 for this TensorFlow version.
+* ``inc_int8``: Neural Compressor 3.x INT8 for stock TensorFlow (``quantize_model`` with
+  ``StaticQuantConfig()``), calibrated on the same random batches, only where it is installed.
 * ``openvino_f32`` / ``openvino_bf16``: OpenVINO (PyPI ``openvino``, a benchmark-only extra)
   reading the same frozen FP32 GraphDef, compiled for the CPU with ``INFERENCE_PRECISION_HINT``
   f32 / bf16 and the session's intra-op thread count; only where ``openvino`` imports.
@@ -33,7 +35,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "tf_bf16_int8", "tf_bf16_kernels", "inc",
-            "openvino_f32", "openvino_bf16")
+            "inc_int8", "openvino_f32", "openvino_bf16")
 INT8_CALIBRATION_BATCHES, INT8_CALIBRATION_BATCH = 2, 4
 
 
@@ -107,17 +109,23 @@ def tf_bf16(model: Any, kernels: bool = False) -> Variant:
                    _summary(model.graph_def, result.graph_def), seconds, extra=extra)
 
 
+def _calibration_feeds(model: Any) -> Any:
+    """``INT8_CALIBRATION_BATCHES`` seeded random batches ({input name: array}) for INT8 calibration."""
+    from bench.common import tests_module
+
+    zoo = tests_module("zoo")
+    return [dict(zip(model.input_names, zoo.sample_inputs(model, batch=INT8_CALIBRATION_BATCH, seed=100 + i)))
+            for i in range(INT8_CALIBRATION_BATCHES)]
+
+
 def tf_bf16_int8(model: Any) -> Variant:
     """Clean-up, minmax calibration on random inputs, then INT8 + BF16 + cast folding."""
-    from bench.common import tests_module
     from tf_bf16 import calibration, pipeline
     from tf_bf16.plan_builder import build_plan
     from tf_bf16.transforms.plan import QuantizationSpec
     from tf_bf16.transforms.quantize import calibration_tensors
 
-    zoo = tests_module("zoo")
-    feeds = [dict(zip(model.input_names, zoo.sample_inputs(model, batch=INT8_CALIBRATION_BATCH, seed=100 + i)))
-             for i in range(INT8_CALIBRATION_BATCHES)]
+    feeds = _calibration_feeds(model)
     start = time.perf_counter()
     plan = build_plan(model.graph_def, model.input_names, model.output_names)
     cleaned = pipeline.clean_up(model.graph_def, plan)
@@ -235,13 +243,47 @@ def inc(model: Any) -> Variant:
                    extra={"inc_version": version, "inc_bf16_op_types": sorted(op_types)})
 
 
+class _IncCalibration:
+    """Neural Compressor's calibration dataloader protocol: ``batch_size`` and (inputs, label) pairs."""
+
+    def __init__(self, feeds: Any, input_names: Any):
+        self.feeds = [[feed[name] for name in input_names] for feed in feeds]
+        self.batch_size = len(self.feeds[0][0])
+
+    def __iter__(self):
+        for inputs in self.feeds:
+            yield (inputs[0] if len(inputs) == 1 else inputs), 0
+
+
+def inc_int8(model: Any) -> Variant:
+    """Neural Compressor 3.x INT8 (``quantize_model(graph, StaticQuantConfig(), calib)``), calibrated on the
+    same random batches as ``tf_bf16_int8``."""
+    from neural_compressor.tensorflow import StaticQuantConfig, quantize_model
+    from neural_compressor.tensorflow.utils import Model as IncModel
+
+    logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+    _, version = inc_available()
+    wrapped = IncModel(model.graph_def)
+    wrapped.input_tensor_names = list(model.input_names)
+    wrapped.output_tensor_names = [name.split(":")[0] for name in model.output_names]
+    start = time.perf_counter()
+    quantized = quantize_model(wrapped, StaticQuantConfig(), _IncCalibration(_calibration_feeds(model), model.input_names),
+                               calib_iteration=INT8_CALIBRATION_BATCHES)
+    seconds = time.perf_counter() - start
+    graph_def = quantized.graph_def
+    ops = [n.op for n in graph_def.node]
+    return Variant("inc_int8", model.with_graph_def(graph_def), _summary(model.graph_def, graph_def), seconds,
+                   extra={"inc_version": version, "quantize_v2": ops.count("QuantizeV2"),
+                          "dequantize": ops.count("Dequantize")})
+
+
 BUILDERS: Mapping[str, Callable[[Any], Variant]] = {
     "fp32": fp32, "fp32_cleaned": fp32_cleaned, "tf_amp": tf_amp, "tf_amp_runtime": tf_amp_runtime, "tf_bf16": tf_bf16,
-    "tf_bf16_int8": tf_bf16_int8, "tf_bf16_kernels": lambda model: tf_bf16(model, kernels=True), "inc": inc,
+    "tf_bf16_int8": tf_bf16_int8, "tf_bf16_kernels": lambda model: tf_bf16(model, kernels=True), "inc": inc, "inc_int8": inc_int8,
     "openvino_f32": lambda model: openvino(model, "f32"), "openvino_bf16": lambda model: openvino(model, "bf16")}
 # Variants that need an optional package: name -> check returning (available, version or reason).
 OPTIONAL: Mapping[str, Callable[[], Tuple[bool, str]]] = {
-    "inc": inc_available, "tf_bf16_kernels": kernels_available,
+    "inc": inc_available, "inc_int8": inc_available, "tf_bf16_kernels": kernels_available,
     "openvino_f32": openvino_available, "openvino_bf16": openvino_available}
 
 
