@@ -208,3 +208,24 @@ def test_without_a_spec_the_stage_is_skipped():
     plan = build_plan(graph_def, ["input"], ["final"])
     assert quantize(graph_def, TransformContext(PrecisionPlan(inputs=plan.inputs, outputs=plan.outputs))) is graph_def
     assert "quantize" not in pipeline.conversion()
+
+
+@pytest.mark.parametrize("name, float_ops, max_err", [
+    ("resnet50", {"Conv2D", "MatMul"}, 5e-2),
+    ("mobilenetv2", {"Conv2D", "DepthwiseConv2dNative", "MatMul"}, 5e-2),
+    ("bert", {"MatMul"}, 2.5e-1),
+])
+def test_zoo_models_quantize_every_eligible_op_with_one_quantize_per_chain(zoo_model, zoo_inputs, name, float_ops,
+                                                                           max_err):
+    model = zoo_model(name)
+    feeds = [zoo_inputs(name, batch=4, seed=s)[0] for s in (11, 12)]
+    converted, _, _ = _quantized(model, feeds)
+    ops = _ops(converted)
+    assert not float_ops & set(ops), {op: ops[op] for op in float_ops & set(ops)}
+    nodes = {n.name: n for n in converted.node}
+    for node in converted.node:
+        if node.op == "QuantizeV2":      # a chain starts from a float op, never right after a Dequantize
+            assert nodes[g.node_name(node.input[0])].op != "Dequantize", node.name
+    x = zoo_inputs(name, batch=2, seed=5)
+    got, want = model.with_graph_def(converted).run(x)[0], model.run(x)[0]
+    assert _rel_err(got, want) < max_err
