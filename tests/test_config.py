@@ -571,13 +571,18 @@ def test_quantization_op_wise_bf16_forces_a_deny_op_and_model_wise_fp32_disables
     ({"quantization": {"op_wise": {"conv3": {"activation": {"dtype": ["int8"]}}}}},
      "quantization.op_wise.conv3.activation.dtype"),
     ({"quantization": {"model_wise": {"weight": {"dtype": ["uint8", "fp32"]}}}}, "quantization.model_wise.weight.dtype"),
+    ({"quantization": {"optype_wise": {"Conv2D": {"weight": {"dtype": "int8"}}}}},
+     "quantization.op_type_wise.Conv2D.weight.dtype"),
 ])
-def test_quantization_int8_is_refused_until_the_int8_stage_exists(conf, key):
+def test_mixed_precision_refuses_int8_dtypes_and_points_to_quantization(conf, key):
+    """MixedPrecision has no INT8 stage: an int8/uint8 dtype is an error naming the key, the allowed
+    values and where INT8 is done, never silently dropped (a list like [uint8, fp32] would otherwise
+    turn BF16 off for the whole model)."""
     from tf_bf16 import MixedPrecision
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
         MixedPrecision(conf)
-    assert "INT8 stage" in str(info.value) and "bf16, fp32" in str(info.value)
+    assert "Quantization" in str(info.value) and "bf16, fp32" in str(info.value)
 
 
 def test_quantization_and_mixed_precision_op_wise_must_agree():
@@ -589,3 +594,96 @@ def test_quantization_and_mixed_precision_op_wise_must_agree():
         MixedPrecision(conf)
     agree = dict(conf, mixed_precision={"op_wise": {"conv3": {"activation": {"dtype": ["fp32"]}}}})
     assert MixedPrecision(agree).node_precisions == {"conv3": "fp32"}
+
+
+# ---------------------------------------------------------------- quantization section as Quantization reads it
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"activation": {"dtype": ["int8"]}}, "int8"),
+    ({"weight": {"dtype": "uint8"}}, "int8"),                                   # uint8 is INT8 too
+    ({"activation": {"dtype": ["bf16"]}}, "bf16"),
+    ({"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}, "fp32"),
+    ({"activation": {"dtype": ["int8", "bf16", "fp32"]}}, None),                 # the tuner chooses
+    ({"activation": {"dtype": ["uint8", "fp32"]}, "weight": {"dtype": ["int8", "bf16"]}}, "int8"),   # in common
+    ({"activation": {"dtype": ["bf16", "fp32"]}}, "fp32"),                       # not INT8: kept FP32
+    ({"activation": {"granularity": "per_tensor"}}, None),
+    ({}, None),
+])
+def test_quantization_dtype_resolution_with_the_int8_stage(entry: Dict[str, Any], expected: str):
+    cfg = load_config({"quantization": {"op_wise": {"n": entry}, "optype_wise": {"MatMul": entry}}})
+    assert cfg.node_precisions(int8=True).get("n") == expected
+    assert cfg.op_type_precisions(int8=True).get("MatMul") == expected
+
+
+@pytest.mark.parametrize("conf, expected", [
+    ({}, ("int8", "bf16", "fp32")),
+    ({"quantization": {"model_wise": {"weight": {"dtype": "int8"}}}}, ("int8", "bf16", "fp32")),
+    ({"quantization": {"model_wise": {"activation": {"dtype": ["uint8", "fp32"]}}}}, ("int8", "fp32")),
+    ({"quantization": {"model_wise": {"activation": {"dtype": ["int8", "bf16"]}}}}, ("int8", "bf16", "fp32")),
+    ({"use_bf16": False, "quantization": {}}, ("int8", "fp32")),
+    ({"mixed_precision": {"precisions": "fp32"}}, ("int8", "fp32")),
+])
+def test_quantization_precisions(conf: Dict[str, Any], expected):
+    assert load_config(conf).quantization_precisions() == expected
+
+
+@pytest.mark.parametrize("dtypes", [["fp32"], ["bf16", "fp32"]])
+def test_quantization_model_wise_without_int8_is_refused(dtypes):
+    cfg = load_config({"quantization": {"model_wise": {"activation": {"dtype": dtypes}}}})
+    with pytest.raises(ConfigError, match=r"'quantization\.model_wise'.*quantize nothing.*MixedPrecision"):
+        cfg.quantization_precisions()
+
+
+def test_quantization_op_type_wise_alias_round_trip_and_both_refused():
+    entry = {"activation": {"dtype": ["fp32"]}}
+    cfg = load_config({"quantization": {"optype_wise": {"MatMul": entry}}})
+    assert cfg == load_config({"quantization": {"op_type_wise": {"MatMul": entry}}})
+    assert load_config(cfg.to_dict()) == cfg
+    assert cfg.op_type_precisions() == cfg.op_type_precisions(int8=True) == {"MatMul": "fp32"}   # both converters
+    msg = _error({"quantization": {"optype_wise": {"MatMul": entry}, "op_type_wise": {"MatMul": entry}}})
+    assert "'quantization.optype_wise'" in msg and "op_type_wise" in msg
+    assert "'quantization.optype_wise.MatMul.activation.dtype[0]'" in _error(
+        {"quantization": {"optype_wise": {"MatMul": {"activation": {"dtype": ["int4"]}}}}})
+
+
+@pytest.mark.parametrize("conf, fragments", [
+    ({"quantization": {"op_wise": {"conv": {"activation": {"dtype": ["int4"]}}}}},
+     ["'quantization.op_wise.conv.activation.dtype[0]'", "'int4'", "int8, uint8, bf16, fp32"]),
+    ({"quantization": {"op_wise": {"conv": {"activation": {"dtype": ["int8"]}, "weight": {"dtype": ["fp32"]}}}}},
+     ["'quantization.op_wise.conv'", "conflict", "activation: int8; weight: fp32"]),
+    ({"quantization": {"model_wise": {"weight": {"algorithm": "kl"}}}},
+     ["'quantization.model_wise.weight.algorithm'", "'kl'", "allowed values: minmax"]),
+    ({"quantization": {"model_wise": {"activation": {"algorithm": "mse"}}}},
+     ["'quantization.model_wise.activation.algorithm'", "'mse'", "minmax, kl, percentile"]),
+])
+def test_quantization_errors_name_the_key(conf: Dict[str, Any], fragments):
+    msg = _error(conf)
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
+def test_quantization_calibration_settings_and_their_defaults():
+    from tf_bf16 import calibration
+
+    assert set(config_lib.ACTIVATION_ALGORITHMS) == set(calibration.ALGORITHMS)
+    default = config_lib.QuantizationConfig()
+    assert (default.sampling_size(), default.activation_algorithm(), default.weight_granularity()) == \
+        (100, "minmax", "per_channel")
+    quant = load_config({"quantization": {"calibration": {"sampling_size": [20, 50]}, "model_wise": {
+        "activation": {"algorithm": ["KL", "minmax"]}, "weight": {"granularity": "per_tensor"}}}}).quantization
+    assert (quant.sampling_size(), quant.activation_algorithm(), quant.weight_granularity()) == (20, "kl", "per_tensor")
+    assert load_config({"quantization": {"model_wise": {"activation": {"algorithm": "percentile"}}}}) \
+        .quantization.activation_algorithm() == "percentile"
+
+
+def test_quantization_unapplied_keys():
+    quant = load_config({"quantization": {
+        "model_wise": {"weight": {"scheme": "asym", "granularity": "per_channel"},
+                       "activation": {"scheme": "asym", "granularity": "per_channel"}},
+        "op_wise": {"conv": {"weight": {"granularity": "per_tensor", "dtype": "int8"}}}}}).quantization
+    assert quant.unapplied_keys() == ["quantization.model_wise.weight.scheme",
+                                      "quantization.model_wise.activation.granularity",
+                                      "quantization.op_wise.conv.weight.granularity"]
+    assert load_config({"quantization": {"model_wise": {
+        "weight": {"granularity": "per_channel", "scheme": "sym", "dtype": "int8", "algorithm": "minmax"}}}}) \
+        .quantization.unapplied_keys() == []

@@ -22,7 +22,7 @@ LAYERS = (
     ("config", "capability", "metrics", "common", "data", "model_io", "model", "report", "inventory",
      "plan_builder", "pipeline", "sensitivity", "tf_amp", "calibration", "int8_sensitivity"),
     ("evaluation", "tuning"),
-    ("mixed_precision", "experimental", "__init__"),
+    ("mixed_precision", "quantization", "experimental", "__init__"),
     ("cli", "__main__"),
 )
 

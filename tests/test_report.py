@@ -241,3 +241,50 @@ def test_log_report_logs_each_line(converted, caplog):
         report_lib.log_report(converted.report)
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert logged == report_lib.format_report(converted.report).splitlines()
+
+
+# ---------------------------------------------------------------------- INT8 counts
+
+def test_count_quantize_ops():
+    """QuantizeV2, Dequantize (to bf16 apart) and the other quantized ops are counted from the graph."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 4, 4, 1], name="x")
+        lo, hi = tf.constant(0.0, name="lo"), tf.constant(1.0, name="hi")
+        q = tf.raw_ops.QuantizeV2(input=x, min_range=lo, max_range=hi, T=tf.quint8, name="quant")
+        pooled = tf.raw_ops.QuantizedMaxPool(input=q.output, min_input=q.output_min, max_input=q.output_max,
+                                             ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1], padding="VALID", name="pool")
+        tf.raw_ops.Dequantize(input=pooled.output, min_range=pooled.min_output, max_range=pooled.max_output,
+                              dtype=tf.bfloat16, name="to_bf16")
+        tf.raw_ops.Dequantize(input=q.output, min_range=q.output_min, max_range=q.output_max, name="to_fp32")
+    counts = report_lib.count_quantize_ops(graph.as_graph_def())
+    assert counts == {"quantize": 1, "dequantize": 2, "dequantize_to_bf16": 1, "quantized_ops": 1}
+    summary = report_lib.build_report(graph.as_graph_def(), graph.as_graph_def(), {})["summary"]
+    assert (summary["quantize_nodes"], summary["dequantize_nodes"]) == (1, 2)
+
+
+def test_int8_section_counts_input_nodes_by_the_precision_they_ended_in(converted):
+    """Replaced nodes count INT8, the others by their precision in the output, removed ones as removed."""
+    before, after = zoo.three_conv_graph(), converted.graph_def
+    extra = tf.Graph()
+    with extra.as_default():   # a float node that is not in the output at all (as clean-up folds BatchNorm)
+        tf.raw_ops.Mul(x=tf.constant(1.0, name="a"), y=tf.constant(2.0, name="b"), name="folded_mul")
+    before.node.extend(n for n in extra.as_graph_def().node if n.op == "Mul")
+    replaced = {"conv1", "conv1_bias_add", "relu"}
+    report = report_lib.build_report(before, after, {}, int8_nodes=replaced)
+    rows = report["int8"]["by_input_op_type"]
+    precisions = _tf_precisions(after)
+    bf16_convs = sum(precisions[n.name] == "bf16" for n in after.node if n.op == "Conv2D" and n.name not in replaced)
+    assert rows["Conv2D"] == {"total": 3, "int8": 1, "bf16": bf16_convs, "fp32": 2 - bf16_convs, "removed": 0}
+    assert rows["Log"] == {"total": 1, "int8": 0, "bf16": 0, "fp32": 1, "removed": 0}
+    assert rows["Mul"] == {"total": 1, "int8": 0, "bf16": 0, "fp32": 0, "removed": 1}
+    assert "Identity" not in rows and "Const" not in rows and "Placeholder" not in rows   # not compute nodes
+    assert report["int8"]["replaced_nodes"] == 3
+    assert report["int8"]["casts"] == report["summary"]["casts_after"]
+    lines = report_lib.format_report(report).splitlines()
+    int8_table = lines[next(i for i, line in enumerate(lines) if line.startswith("INT8 Statistics")):]
+    assert [line.split() for line in int8_table if line.split()[:1] == ["Conv2D"]] == \
+        [["Conv2D", "3", "1", str(bf16_convs), str(2 - bf16_convs), "0"]]
+    assert any("QuantizeV2 0, Dequantize 0 (0 to bf16)" in line for line in int8_table)
+    assert "int8" not in converted.report          # a BF16-only conversion has no INT8 section
+    assert "INT8 Statistics" not in report_lib.format_report(converted.report)

@@ -99,3 +99,14 @@ def test_noise_ranks_a_layer_whose_input_range_a_rare_outlier_stretched_first():
     ranges = {"Relu": (0.0, 4.0), "a": (0.0, 400.0)}
     scores = int8_sensitivity.int8_noise(gd, ranges, names, ["x"], feeds)
     assert scores[names[1]] > 10 * scores[names[0]]
+
+
+def test_the_tuned_report_counts_the_returned_graph(quantized_digits):
+    model, cleaned, plan, result = quantized_digits
+    base = __import__("tf_bf16.report", fromlist=["build_report"]).build_report(
+        model.graph_def, result.graph_def, result.fp32_reasons, {"precisions": ["int8", "bf16", "fp32"]},
+        int8_nodes=result.int8_nodes)
+    spec = _spec(lambda m: 1.0 if _int8_ops(m) <= 1 else 0.0)
+    tuned = tuning.tune_quantized(spec, model, cleaned, plan, result, base_report=base)
+    int8_convs = tuned.report["int8"]["by_input_op_type"]["Conv2D"]["int8"]
+    assert int8_convs + tuned.report["int8"]["by_input_op_type"]["MatMul"]["int8"] == _int8_ops(tuned) == 1

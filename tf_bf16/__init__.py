@@ -1,4 +1,4 @@
-"""tf_bf16: convert TensorFlow models to mixed BF16/FP32 for Intel Xeon CPU inference.
+"""tf_bf16: convert TensorFlow models to mixed BF16/FP32 (and INT8) for Intel Xeon CPU inference.
 
 Public names are imported lazily (PEP 562), so ``import tf_bf16`` stays cheap, does not
 import TensorFlow, and works while optional parts of the package are still missing.
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS = {
     "Model": ("tf_bf16.model", "Model"),
     "MixedPrecision": ("tf_bf16.mixed_precision", "MixedPrecision"),
+    "Quantization": ("tf_bf16.quantization", "Quantization"),
     "common": ("tf_bf16.common", None),
     "errors": ("tf_bf16.errors", None),
 }

@@ -1,9 +1,10 @@
 """The ``tf-bf16`` command line: ``tf-bf16 SUBCOMMAND --flag=value ...`` with absl flags.
 
 Each subcommand is a ``Command`` (its flags plus a main function) in ``COMMANDS``; to add one
-(``quantize``, ``bench``), write its ``define_flags`` and ``main`` and list it in
+(``bench``), write its ``define_flags`` and ``main`` and list it in
 ``_BUILTIN_COMMANDS``. ``inspect`` summarizes a model, ``convert`` runs the whole pipeline,
-``transform`` runs any list of registered passes. Errors become one ``tf-bf16: error: ...`` line on stderr and exit
+``quantize`` adds the INT8 stage (calibration data from the YAML config), ``transform`` runs any
+list of registered passes. Errors become one ``tf-bf16: error: ...`` line on stderr and exit
 status 2 (usage) or 1 (anything else); ``--verbose`` adds the traceback and debug logging.
 
 ``run`` (the ``tf-bf16`` script and ``python -m tf_bf16``) also keeps TensorFlow's start-up
@@ -12,14 +13,18 @@ and imports TensorFlow (and lets it probe its devices) with file descriptor 2 se
 temporary file, because the CUDA-stub, oneDNN and absl pre-init lines are written there by
 C++ at import time whatever the log level. The captured text is replayed if that import
 fails. It hides GPUs (``CUDA_VISIBLE_DEVICES=""`` when unset): tf_bf16 converts and
-evaluates for CPUs. Those variables are set for the run only and removed again afterwards;
-``dispatch`` and ``import tf_bf16`` never touch the environment.
+evaluates for CPUs. A command may name variables of its own (``Command.environment``), set the
+same way: ``quantize`` sets ``TF_ENABLE_ONEDNN_OPTS=1`` when unset, since TensorFlow runs the
+quantized ops only through oneDNN and reads that variable once, at start-up. Those variables are
+set for the run only and removed again afterwards; ``dispatch`` and ``import tf_bf16`` never
+touch the environment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -45,6 +50,10 @@ _CPU_ONLY_ENV: Mapping[str, str] = types.MappingProxyType({
     # tf_bf16 converts and evaluates for CPUs: no GPU memory taken, no GPU start-up lines.
     "CUDA_VISIBLE_DEVICES": "",
 })
+_ONEDNN_ENV: Mapping[str, str] = types.MappingProxyType({
+    # INT8 graphs: TensorFlow's quantized ops are placeholders its oneDNN layout pass replaces.
+    "TF_ENABLE_ONEDNN_OPTS": "1",
+})
 
 
 class UsageError(Exception):
@@ -53,12 +62,17 @@ class UsageError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One subcommand: ``define_flags(fv)`` declares its flags, ``main(fv)`` runs it -> exit code."""
+    """One subcommand: ``define_flags(fv)`` declares its flags, ``main(fv)`` runs it -> exit code.
+
+    ``environment``: variables ``run`` sets for this command when the user has not, before
+    TensorFlow is imported (``dispatch`` alone leaves the environment as it is).
+    """
 
     name: str
     summary: str
     define_flags: Callable[[flags.FlagValues], None]
     main: Callable[[flags.FlagValues], int]
+    environment: Mapping[str, str] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
 
 # --------------------------------------------------------------------------------------
@@ -163,6 +177,41 @@ def _convert_main(fv: flags.FlagValues) -> int:
 CONVERT = Command("convert", "convert a model to mixed BF16/FP32 and save it", _define_convert_flags, _convert_main)
 
 # --------------------------------------------------------------------------------------
+# quantize
+# --------------------------------------------------------------------------------------
+
+def _define_quantize_flags(fv: flags.FlagValues) -> None:
+    define_model_flags(fv)
+    _define_output_flags(fv)
+    flags.DEFINE_list("precisions", None, "Allowed precisions: int8 plus bf16 and/or fp32 (default: from the "
+                      "config; fp32 is always the fallback).", flag_values=fv)
+    flags.DEFINE_string("target", None, "Deployment CPU when it is not this one: spr, cpx or avx512_bf16.",
+                        flag_values=fv)
+    flags.DEFINE_bool("kernels", False, "Use tf_bf16's fused oneDNN kernel ops for the BF16 part (the output then "
+                      "needs 'import tf_bf16.kernels' to run).", flag_values=fv)
+
+
+def _quantize_main(fv: flags.FlagValues) -> int:
+    """Quantize --input_model to INT8 + BF16/FP32 with the config's calibration data, save it, print the report."""
+    if not fv.output_model:
+        raise UsageError("--output_model is required")
+    if not fv.config:
+        raise UsageError("--config is required: a YAML config whose quantization.calibration.dataloader "
+                         "gives the calibration data")
+    from tf_bf16.quantization import Quantization
+
+    converter = Quantization(fv.config, target=fv.target, kernels=fv.kernels)
+    if fv.precisions:
+        converter.precisions = fv.precisions
+    converter.model = load_model_from_flags(fv, converter.conf)
+    _save_and_report(fv, converter())
+    return EXIT_OK
+
+
+QUANTIZE = Command("quantize", "quantize a model to INT8 + BF16/FP32 (calibration data from --config) and save it",
+                   _define_quantize_flags, _quantize_main, environment=_ONEDNN_ENV)
+
+# --------------------------------------------------------------------------------------
 # transform
 # --------------------------------------------------------------------------------------
 
@@ -199,7 +248,7 @@ def _transform_main(fv: flags.FlagValues) -> int:
 TRANSFORM = Command("transform", "run a list of registered passes by name and save the result",
                     _define_transform_flags, _transform_main)
 
-_BUILTIN_COMMANDS = (INSPECT, CONVERT, TRANSFORM)
+_BUILTIN_COMMANDS = (INSPECT, CONVERT, QUANTIZE, TRANSFORM)
 COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in _BUILTIN_COMMANDS})
 
 
@@ -334,12 +383,20 @@ def _unchanged_process(verbose: bool) -> ContextManager[None]:
 
 
 @contextlib.contextmanager
-def cli_process(verbose: bool) -> Iterator[None]:
-    """What ``run`` wraps a command in: its environment and, unless verbose, a quiet TF start-up."""
-    with quiet_environment(verbose):
+def cli_process(verbose: bool, environment: Mapping[str, str] = types.MappingProxyType({})) -> Iterator[None]:
+    """What ``run`` wraps a command in: its environment (plus the command's own ``environment``
+    defaults) and, unless verbose, a quiet TF start-up."""
+    with quiet_environment(verbose), environment_defaults(environment):
         if not verbose:
             import_tensorflow_quietly()
         yield
+
+
+def command_environment(args: Sequence[str], commands: Mapping[str, Command] = COMMANDS) -> Mapping[str, str]:
+    """The ``environment`` of the command ``args`` name (empty for an unknown or missing one)."""
+    name, _ = _split_command(args)
+    command = commands.get(name) if name is not None else None
+    return command.environment if command is not None else types.MappingProxyType({})
 
 
 def _one_line(exc: BaseException) -> str:
@@ -399,9 +456,11 @@ def dispatch(args: Sequence[str], commands: Mapping[str, Command] = COMMANDS,
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Console-script entry point (``tf-bf16``): dispatch ``sys.argv[1:]`` and return the exit code.
 
-    The command runs inside ``cli_process``: TensorFlow's start-up is quiet unless ``--verbose``.
+    The command runs inside ``cli_process``: TensorFlow's start-up is quiet unless ``--verbose``,
+    and the command's own environment defaults are set before TensorFlow is imported.
     """
-    return dispatch(list(sys.argv[1:] if argv is None else argv), process=cli_process)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return dispatch(args, process=functools.partial(cli_process, environment=command_environment(args)))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import dataclasses
 import itertools
 import os
 import types
-from typing import (Annotated, Any, Callable, ClassVar, Dict, Iterable, Iterator, Literal, Mapping,
-                    Optional, Sequence, Set, Tuple, Union)
+from typing import (Annotated, Any, Callable, ClassVar, Dict, FrozenSet, Iterable, Iterator, List, Literal,
+                    Mapping, Optional, Sequence, Set, Tuple, Union)
 
 import yaml
 from yaml.composer import Composer
@@ -48,7 +48,7 @@ from tf_bf16.capability import TARGETS
 from tf_bf16.common import LAST_BATCH
 from tf_bf16.errors import ConfigError
 from tf_bf16.metrics import METRICS
-from tf_bf16.transforms.plan import BF16, FP32, PRECISIONS
+from tf_bf16.transforms.plan import ALL_PRECISIONS, BF16, FP32, INT8, PRECISIONS
 
 DEVICES: Tuple[str, ...] = ("cpu",)
 STRATEGIES: Tuple[str, ...] = ("sensitivity", "basic")  # "basic" is INC's name for the same tuner
@@ -57,11 +57,14 @@ APPROACHES: Tuple[str, ...] = ("post_training_static_quant",)
 DUMMY_DTYPES: Tuple[str, ...] = ("float32", "float64", "float16", "bfloat16", "int8", "uint8",
                                  "int16", "int32", "int64", "bool")
 TFRECORD_DTYPES: Tuple[str, ...] = ("float32", "int64", "string")
+INT8_DTYPES: Tuple[str, ...] = ("int8", "uint8")  # both mean "INT8": the INT8 stage picks the signedness per tensor
+ACTIVATION_ALGORITHMS: Tuple[str, ...] = ("minmax", "kl", "percentile")  # tf_bf16.calibration.ALGORITHMS
+WEIGHT_ALGORITHMS: Tuple[str, ...] = ("minmax",)  # weights are quantized from their exact range
 QUANT_TENSOR_CHOICES: Mapping[str, Tuple[str, ...]] = types.MappingProxyType({
     "dtype": ("int8", "uint8", "bf16", "fp32"),
     "scheme": ("sym", "asym"),
     "granularity": ("per_channel", "per_tensor"),
-    "algorithm": ("minmax", "kl"),
+    "algorithm": ACTIVATION_ALGORITHMS,
 })
 DEFAULT_RANDOM_SEED = 1978
 
@@ -773,60 +776,165 @@ class TensorQuantConfig(_Section):
 
 @_section
 class QuantOverride(_Section):
-    """``quantization.model_wise`` or one ``quantization.op_wise`` entry."""
+    """``quantization.model_wise`` or one ``quantization.op_wise``/``op_type_wise`` entry.
+
+    Its dtype lists say which precisions a node may take: ``int8`` and ``uint8`` both mean INT8,
+    and an entry giving both lists allows what the two have in common.
+    """
 
     activation: Optional[TensorQuantConfig] = None
     weight: Optional[TensorQuantConfig] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "QuantOverride":
+        algorithms = self.weight.algorithm if self.weight is not None else None
+        bad = [a for a in algorithms or () if a not in WEIGHT_ALGORITHMS]
+        if bad:
+            raise _error(f"{bad[0]!r} is not allowed for weights; allowed values: {', '.join(WEIGHT_ALGORITHMS)} "
+                         f"(weights are quantized from their exact range)", "weight", "algorithm")
+        lists = self._dtype_lists()
+        if lists and not frozenset.intersection(*(_as_precisions(d) for d in lists.values())):
+            shown = "; ".join(f"{part}: {', '.join(dtypes)}" for part, dtypes in lists.items())
+            raise _error(f"activation and weight dtypes conflict ({shown}): they allow no common precision, "
+                         f"and a node runs in one precision")
+        return self
+
+    def _dtype_lists(self) -> Dict[str, Tuple[str, ...]]:
+        """The dtype lists given, by part ("activation", "weight")."""
+        parts = {part: getattr(self, part) for part in ("activation", "weight")}
+        return {part: tensor.dtype for part, tensor in parts.items() if tensor is not None and tensor.dtype is not None}
+
+    def allowed(self, path: Path, int8: bool) -> Optional[FrozenSet[str]]:
+        """The precisions (int8, bf16, fp32) this entry allows a node; None when it gives no dtype list.
+
+        ``int8`` says whether the caller has an INT8 stage (``Quantization``); without one
+        (``MixedPrecision``) an int8/uint8 dtype is a ConfigError naming the key under ``path``.
+        """
+        lists = self._dtype_lists()
+        if not int8:
+            for part, dtypes in lists.items():
+                found = [d for d in dtypes if d in INT8_DTYPES]
+                if found:
+                    raise _fail(path + (part, "dtype"),
+                                f"{', '.join(found)} is for INT8 quantization (tf_bf16.Quantization, 'tf-bf16 "
+                                f"quantize'); MixedPrecision converts to bf16/fp32 only; allowed here: "
+                                f"{', '.join(PRECISIONS)}")
+        if not lists:
+            return None
+        return frozenset.intersection(*(_as_precisions(d) for d in lists.values()))
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
+def _as_precisions(dtypes: Iterable[str]) -> FrozenSet[str]:
+    """A quantization dtype list as precisions: int8 and uint8 are both "int8"."""
+    return frozenset(INT8 if d in INT8_DTYPES else d for d in dtypes)
+
+
+def _forced_precision(allowed: Optional[FrozenSet[str]], int8: bool) -> Optional[str]:
+    """The precision a node is forced to by the precisions its entry allows; None when it is free.
+
+    One allowed precision forces it. With the INT8 stage, an entry that excludes int8 but allows
+    bf16 and fp32 forces fp32: the plan forces one precision per node, and fp32 never costs accuracy.
+    """
+    if allowed is None:
+        return None
+    if len(allowed) == 1:
+        return next(iter(allowed))
+    return FP32 if int8 and INT8 not in allowed else None
+
+
+def _forced_by_name(overrides: Mapping[str, QuantOverride], path: Path, int8: bool) -> Dict[str, str]:
+    """Name (node or op type) -> forced precision, for the entries of ``overrides`` that force one."""
+    forced = {name: _forced_precision(o.allowed(path + (name,), int8), int8) for name, o in overrides.items()}
+    return {name: p for name, p in forced.items() if p is not None}
+
+
 @_section
 class CalibrationConfig(_Section):
-    """``quantization.calibration``: candidate sample counts and the calibration data."""
+    """``quantization.calibration``: candidate sample counts (the first is used) and the calibration data."""
 
     sampling_size: _one_or_many(PositiveInt) = (100,)
     dataloader: Optional[DataLoaderConfig] = None
 
 
+_OP_OVERRIDES = _named(QuantOverride, "op types")
+_OP_OVERRIDES_ADAPTER = TypeAdapter(_OP_OVERRIDES)
+
+
 @_section
 class QuantizationConfig(_Section):
-    """``quantization:``. Its ``fp32``/``bf16`` dtype overrides act on MixedPrecision now (as in
-    Neural Compressor); INT8 dtypes, approach and calibration are for the INT8 stage."""
+    """``quantization:``, read by ``tf_bf16.Quantization`` (INT8 + BF16 + FP32).
+
+    ``MixedPrecision`` reads only its fp32/bf16 dtype overrides (as Neural Compressor does) and
+    refuses int8/uint8 dtypes; ``Quantization`` reads int8 too (``int8=True`` below).
+    ``op_type_wise`` is also accepted as ``optype_wise``, Neural Compressor's spelling.
+    """
 
     approach: _choice(APPROACHES) = "post_training_static_quant"
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     model_wise: QuantOverride = dataclasses.field(default_factory=QuantOverride)
     op_wise: _named(QuantOverride, "node names") = dataclasses.field(default_factory=FrozenDict)
+    op_type_wise: _OP_OVERRIDES = dataclasses.field(default_factory=FrozenDict)
 
-    def node_precisions(self) -> Dict[str, str]:
-        """Node name -> forced "fp32"/"bf16" from ``op_wise``; refuses INT8 dtypes (no INT8 stage yet)."""
-        forced = {}
-        for name, override in self.op_wise.items():
-            precision = _forced_without_int8(override, ("quantization", "op_wise", name))
-            if precision is not None:
-                forced[name] = precision
-        return forced
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Dict[str, Any]:
+        raw = _mapping(data, _field_names(cls) + ("optype_wise",))
+        alias = raw.pop("optype_wise", None)
+        if alias is not None:
+            if raw.get("op_type_wise") is not None:
+                raise _error("give one of 'optype_wise' (Neural Compressor's spelling) and 'op_type_wise'",
+                             "optype_wise")
+            raw["op_type_wise"] = _at(_OP_OVERRIDES_ADAPTER, alias, "optype_wise")
+        return cls._fields(raw)
+
+    def node_precisions(self, int8: bool = False) -> Dict[str, str]:
+        """Node name -> forced precision from ``op_wise``; int8 dtypes are refused unless ``int8``."""
+        return _forced_by_name(self.op_wise, ("quantization", "op_wise"), int8)
+
+    def op_type_precisions(self, int8: bool = False) -> Dict[str, str]:
+        """Op type -> forced precision from ``op_type_wise``; int8 dtypes are refused unless ``int8``."""
+        return _forced_by_name(self.op_type_wise, ("quantization", "op_type_wise"), int8)
 
     def model_precision(self) -> Optional[str]:
-        """The one precision ``model_wise`` allows every node ("fp32" or "bf16"), or None."""
-        return _forced_without_int8(self.model_wise, ("quantization", "model_wise"))
+        """The one float precision ``model_wise`` allows every node ("fp32" or "bf16"), or None (MixedPrecision)."""
+        return _forced_precision(self.model_wise.allowed(("quantization", "model_wise"), int8=False), int8=False)
 
+    def model_dtypes(self) -> FrozenSet[str]:
+        """The precisions ``model_wise`` allows every node with the INT8 stage on (all when it lists none)."""
+        allowed = self.model_wise.allowed(("quantization", "model_wise"), int8=True)
+        return frozenset(ALL_PRECISIONS) if allowed is None else allowed
 
-def _forced_without_int8(override: QuantOverride, path: Path) -> Optional[str]:
-    """The single float precision an override's dtype lists allow; ConfigError for INT8 dtypes."""
-    lists = {part: getattr(override, part).dtype for part in ("activation", "weight")
-             if getattr(override, part) is not None}
-    for part, dtypes in lists.items():
-        int8 = [d for d in dtypes or () if d not in PRECISIONS]
-        if int8:
-            raise _fail(path + (part, "dtype"), f"{', '.join(int8)} needs tf_bf16's INT8 stage, which this version "
-                                                f"does not have yet; allowed here: {', '.join(PRECISIONS)}")
-    only = _sole_dtypes(lists.values())
-    if len(only) > 1:
-        raise _fail(path, _DTYPE_CONFLICT)
-    return only.pop() if only else None
+    def sampling_size(self) -> int:
+        """How many samples calibration reads: the first ``calibration.sampling_size``."""
+        return self.calibration.sampling_size[0]
+
+    def activation_algorithm(self) -> str:
+        """The calibration algorithm: the first ``model_wise.activation.algorithm`` (default minmax)."""
+        activation = self.model_wise.activation
+        return activation.algorithm[0] if activation is not None and activation.algorithm else "minmax"
+
+    def weight_granularity(self) -> str:
+        """per_channel or per_tensor: the first ``model_wise.weight.granularity`` (default per_channel)."""
+        weight = self.model_wise.weight
+        return weight.granularity[0] if weight is not None and weight.granularity else "per_channel"
+
+    def unapplied_keys(self) -> List[str]:
+        """Dotted keys given here that tf_bf16's INT8 stage does not apply (it chooses them itself)."""
+        out = []
+        weight, activation = self.model_wise.weight, self.model_wise.activation
+        if weight is not None and weight.scheme is not None and "sym" not in weight.scheme:
+            out.append("quantization.model_wise.weight.scheme")    # weights are symmetric INT8
+        if activation is not None and activation.granularity is not None and "per_tensor" not in activation.granularity:
+            out.append("quantization.model_wise.activation.granularity")   # one range per activation tensor
+        for section in ("op_wise", "op_type_wise"):
+            for name, override in getattr(self, section).items():
+                for part in ("activation", "weight"):
+                    tensor = getattr(override, part)
+                    out += [_dotted(("quantization", section, name, part, key)) for key in
+                            ("scheme", "granularity", "algorithm") if tensor is not None and getattr(tensor, key)]
+        return out
 
 
 @_section
@@ -925,6 +1033,18 @@ def _top_level_precisions(raw: Mapping[str, Any], mixed: Mapping[str, Any]) -> O
     return precisions if use_bf16 else (FP32,)
 
 
+def _merge_forced(mixed: Dict[str, str], section: str, quant: Mapping[str, str]) -> Dict[str, str]:
+    """``mixed`` (from ``mixed_precision.<section>``) plus ``quant`` (``quantization.<section>``); ConfigError
+    when they force one name to different precisions."""
+    forced = dict(mixed)
+    for name, precision in quant.items():
+        if forced.get(name, precision) != precision:
+            raise ConfigError(f"config keys '{_dotted(('mixed_precision', section, name))}' ({forced[name]}) and "
+                              f"'{_dotted(('quantization', section, name))}' ({precision}) disagree; give one of them")
+        forced[name] = precision
+    return forced
+
+
 @_section
 class Config(_Section):
     """A validated config with defaults filled in; ``quantization`` None means no INT8 stage."""
@@ -945,21 +1065,21 @@ class Config(_Section):
             raw["mixed_precision"] = dict(mixed or {}, precisions=_top_level_precisions(raw, mixed or {}))
         return cls._fields({k: v for k, v in raw.items() if k not in _PRECISION_ALIASES})
 
-    def node_precisions(self) -> Dict[str, str]:
-        """Node name -> forced "fp32"/"bf16" from ``mixed_precision.op_wise`` and ``quantization.op_wise``.
+    def node_precisions(self, int8: bool = False) -> Dict[str, str]:
+        """Node name -> forced precision from ``mixed_precision.op_wise`` and ``quantization.op_wise``.
 
-        Raises ConfigError when the two sections force one node to different precisions, or
-        when ``quantization`` asks for INT8.
+        ``int8`` False (MixedPrecision): "fp32"/"bf16", and an int8 dtype in ``quantization`` is a
+        ConfigError. True (Quantization): "int8" too. ConfigError when the two sections force one
+        node to different precisions.
         """
-        forced = self.mixed_precision.node_precisions()
-        if self.quantization is not None:
-            for name, precision in self.quantization.node_precisions().items():
-                if forced.get(name, precision) != precision:
-                    raise ConfigError(f"config keys '{_dotted(('mixed_precision', 'op_wise', name))}' "
-                                      f"({forced[name]}) and '{_dotted(('quantization', 'op_wise', name))}' "
-                                      f"({precision}) disagree; give one of them")
-                forced[name] = precision
-        return forced
+        return _merge_forced(self.mixed_precision.node_precisions(), "op_wise",
+                             self.quantization.node_precisions(int8) if self.quantization is not None else {})
+
+    def op_type_precisions(self, int8: bool = False) -> Dict[str, str]:
+        """Op type -> forced precision (``mixed_precision.op_type_wise``, ``quantization.op_type_wise``), as
+        ``node_precisions``."""
+        return _merge_forced(self.mixed_precision.op_type_precisions(), "op_type_wise",
+                             self.quantization.op_type_precisions(int8) if self.quantization is not None else {})
 
     def effective_precisions(self) -> Tuple[str, ...]:
         """``mixed_precision.precisions``, narrowed to fp32 when ``quantization.model_wise`` allows only fp32."""
@@ -971,9 +1091,18 @@ class Config(_Section):
                               "'mixed_precision.precisions' excludes bf16; make them agree")
         return self.mixed_precision.precisions
 
-    def op_type_precisions(self) -> Dict[str, str]:
-        """Op type -> forced "fp32"/"bf16" (``mixed_precision.op_type_wise``)."""
-        return self.mixed_precision.op_type_precisions()
+    def quantization_precisions(self) -> Tuple[str, ...]:
+        """What Quantization may use: "int8", plus the floats both ``mixed_precision.precisions`` and
+        ``quantization.model_wise`` allow (fp32 always: the fallback). A model_wise dtype list naming
+        only int8/uint8 leaves the floats alone; one allowing no int8 is a ConfigError.
+        """
+        allowed = (self.quantization or QuantizationConfig()).model_dtypes()
+        if INT8 not in allowed:
+            raise ConfigError(f"config key 'quantization.model_wise': its dtypes allow only "
+                              f"{', '.join(sorted(allowed))}, so Quantization would quantize nothing; allow int8 "
+                              f"(or uint8), or convert with MixedPrecision ('tf-bf16 convert')")
+        floats = (allowed & set(PRECISIONS)) or set(PRECISIONS)
+        return (INT8,) + tuple(p for p in self.mixed_precision.precisions if p in floats | {FP32})
 
     def to_dict(self) -> Dict[str, Any]:
         out = super().to_dict()

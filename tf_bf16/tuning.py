@@ -327,13 +327,14 @@ def _score(evaluator: Evaluator, model: Model, graph_def: Any, number: int) -> T
 
 def _extra(base_report: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The conversion report's keys a tuned report keeps (target, timings ...)."""
-    return {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes")}
+    return {k: v for k, v in (base_report or {}).items() if k not in ("summary", "op_types", "fp32_nodes", "int8")}
 
 
 def _untuned(model: Model, result: pipeline.ConversionResult, extra: Dict[str, Any]) -> Model:
     """``exit_policy.performance_only``: the conversion as it is, no evaluation at all."""
     logging.info("tf_bf16 tuning: exit_policy.performance_only is set; no accuracy evaluation")
-    report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra)
+    report = report_lib.build_report(model.graph_def, result.graph_def, result.fp32_reasons, extra,
+                                     int8_nodes=result.int8_nodes or None)
     report["tuning"] = {"skipped": "tuning.exit_policy.performance_only"}
     return model.with_graph_def(result.graph_def, report)
 
@@ -563,7 +564,8 @@ class _Int8Search:
         best = next(t for t in self.trials if t.fallback == fallback)
         result = self.results[fallback]
         reasons = dict(result.fp32_reasons)
-        report = report_lib.build_report(self.model.graph_def, result.graph_def, reasons, extra)
+        report = report_lib.build_report(self.model.graph_def, result.graph_def, reasons, extra,
+                                         int8_nodes=result.int8_nodes)
         goal_met = best.passed
         report["tuning"] = {
             "baseline": {"accuracy": self.baseline, "seconds": round(baseline_seconds, 4)},
