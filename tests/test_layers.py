@@ -20,7 +20,7 @@ LAYERS = (
     ("errors",),
     ("transforms.*",),
     ("config", "capability", "metrics", "common", "data", "model_io", "model", "report", "inventory",
-     "plan_builder", "pipeline", "sensitivity", "tf_amp", "calibration", "int8_sensitivity"),
+     "plan_builder", "pipeline", "sensitivity", "tf_amp", "calibration", "int8_sensitivity", "variables"),
     ("evaluation", "tuning"),
     ("mixed_precision", "quantization", "experimental", "__init__"),
     ("cli", "__main__"),

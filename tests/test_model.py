@@ -691,18 +691,22 @@ def test_save_refuses_to_replace_unrelated_directory(cnn: keras.Model, tmp_path:
     assert sorted(os.listdir(tmp_path)) == ["user_data"]
 
 
-def test_weights_over_the_protobuf_limit_are_refused(tmp_path, monkeypatch):
-    """A model whose weights exceed what one frozen GraphDef can hold gets a clear error.
+def test_weights_over_the_protobuf_limit_keep_variables_and_refuse_a_pb(tmp_path, monkeypatch):
+    """A SavedModel whose weights exceed what one frozen GraphDef can hold keeps them as variables
+    and refuses a .pb output; an in-memory Keras model that large is refused with a clear error.
 
     The real limit is 2 GiB; the test lowers it so a small model stands in for a huge one.
     """
     from tf_bf16 import model_io
-    from tf_bf16.errors import UnsupportedModelError
+    from tf_bf16.errors import ModelTooLargeError, UnsupportedModelError
 
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64)])
     path = str(tmp_path / "sm")
     model.export(path, verbose=False)
     monkeypatch.setattr(model_io, "MAX_PROTO_BYTES", 1024)
-    for source in (path, model):
-        with pytest.raises(UnsupportedModelError, match="2 GiB"):
-            Model(source)
+    loaded = Model(path)
+    assert loaded.variables is not None
+    with pytest.raises(ModelTooLargeError, match="write a SavedModel directory instead"):
+        loaded.check_save_path(str(tmp_path / "x.pb"))
+    with pytest.raises(UnsupportedModelError, match="2 GiB"):
+        Model(model)

@@ -170,6 +170,7 @@ def _convert_main(fv: flags.FlagValues) -> int:
     converter = MixedPrecision(fv.config, target=fv.target, kernels=fv.kernels)
     converter.precisions = fv.precisions
     converter.model = load_model_from_flags(fv, converter.conf)
+    converter.model.check_save_path(fv.output_model)   # e.g. a .pb of a model over 2 GiB: fail before converting
     _save_and_report(fv, converter())
     return EXIT_OK
 
@@ -204,6 +205,7 @@ def _quantize_main(fv: flags.FlagValues) -> int:
     if fv.precisions:
         converter.precisions = fv.precisions
     converter.model = load_model_from_flags(fv, converter.conf)
+    converter.model.check_save_path(fv.output_model)   # e.g. a .pb of a model over 2 GiB: fail before converting
     _save_and_report(fv, converter())
     return EXIT_OK
 
@@ -235,6 +237,7 @@ def _transform_main(fv: flags.FlagValues) -> int:
     driver.check_names(fv.transforms)
     converter = MixedPrecision(fv.config)
     model = load_model_from_flags(fv, converter.conf)
+    model.check_save_path(fv.output_model)
     context = pipeline.new_context(converter.plan_for(model))
     graph_def = pipeline.run(model.graph_def, context, tuple(fv.transforms))
     extra = {"transforms": list(fv.transforms), "consts_converted": context.consts_converted}

@@ -27,6 +27,11 @@ class ModelSaveError(TfBf16Error):
         super().__init__(f"{path}: {problem}")
 
 
+class ModelTooLargeError(ModelSaveError):
+    """A model whose weights exceed protobuf's 2 GiB limit was asked for as one protobuf (a frozen .pb);
+    the message says to write a SavedModel directory instead."""
+
+
 class UnsupportedModelError(ModelLoadError):
     """The model uses something tf_bf16 cannot convert (control flow, >2 GB of weights...)."""
 

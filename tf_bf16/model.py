@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from tf_bf16 import model_io
-from tf_bf16.errors import InputError, ModelSaveError
+from tf_bf16 import model_io, variables as variables_lib
+from tf_bf16.errors import InputError, ModelSaveError, ModelTooLargeError
 from tf_bf16.model_io import Signature
 from tf_bf16.transforms import graph as graph_lib
 
@@ -27,13 +27,18 @@ class Model:
     ``Model(source, inputs=None, outputs=None, signature="serving_default")`` accepts the
     same kinds ``MixedPrecision.model`` does. ``run`` executes it; ``save`` writes a frozen
     ``.pb``/``.pbtxt`` or a SavedModel whose signature equals the source's.
+
+    A SavedModel whose weights exceed protobuf's 2 GiB limit keeps them as variables
+    (``variables`` is then set: the graph reads them through ``VarHandleOp`` nodes); such a
+    model runs and saves as a SavedModel, never as a ``.pb``.
     """
 
     def __init__(self, source: Any, inputs: Optional[Sequence[str]] = None,
                  outputs: Optional[Sequence[str]] = None, signature: str = "serving_default"):
         if isinstance(source, Model):
             loaded = model_io.LoadedGraph(source.graph_def, list(source.input_names),
-                                          list(source.output_names), source.signature, source.source_path)
+                                          list(source.output_names), source.signature, source.source_path,
+                                          source.variables)
         else:
             loaded = model_io.load(source, signature)
         graph_def = loaded.graph_def
@@ -48,6 +53,7 @@ class Model:
         self.input_names: List[str] = list(input_names)
         self.output_names: List[str] = list(output_names)
         self.source_path: Optional[str] = loaded.source_path
+        self.variables: Optional[variables_lib.Variables] = loaded.variables
         sig = loaded.signature
         if sig is not None and (inputs or outputs):
             sig = None  # user-chosen I/O no longer matches the source signature
@@ -70,6 +76,7 @@ class Model:
         other.input_names = list(self.input_names)
         other.output_names = list(self.output_names)
         other.source_path = self.source_path
+        other.variables = self.variables
         other.signature = self.signature
         other.report = dict(report or {})
         other._session = None
@@ -88,6 +95,8 @@ class Model:
             with graph.as_default():
                 tf.graph_util.import_graph_def(self._graph_def, name="")
             self._session = tf.compat.v1.Session(graph=graph, config=session_config)
+            if self.variables is not None:
+                variables_lib.restore(self._session, self.variables.present_in(self._graph_def))
         return self._session
 
     def run(self, feeds: Feeds, session_config=None) -> List[np.ndarray]:
@@ -118,12 +127,31 @@ class Model:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write atomically: ``*.pb`` binary GraphDef, ``*.pbtxt`` text, anything else a SavedModel."""
+    def check_save_path(self, path: Union[str, os.PathLike]) -> None:
+        """Raise what ``save(path)`` would refuse up front (the input itself; a ``.pb`` of a model too large
+        for one), so a caller can fail before converting."""
         path = os.fspath(path)
         if self.source_path and _same_or_inside(path, self.source_path):
             raise ModelSaveError(path, "refusing to overwrite the input model; choose another output path")
-        if path.endswith(".pb") or path.endswith(".pbtxt"):
+        if self.variables is not None and (path.endswith(".pb") or path.endswith(".pbtxt")):
+            raise ModelTooLargeError(path, _too_large_for_pb(self.variables, path))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write atomically: ``*.pb`` binary GraphDef, ``*.pbtxt`` text, anything else a SavedModel.
+
+        A model with ``variables`` (weights over protobuf's 2 GiB limit) saves only as a SavedModel;
+        asking for a ``.pb``/``.pbtxt`` raises ModelTooLargeError before anything is written.
+        """
+        path = os.fspath(path)
+        self.check_save_path(path)
+        frozen = path.endswith(".pb") or path.endswith(".pbtxt")
+        if self.variables is not None:
+            written = model_io.write_saved_model_with_variables(self._graph_def, self.signature, self.variables,
+                                                                path, keep=self.input_names + self.output_names)
+            self.report["variables"] = {  # what the SavedModel holds: its weights stayed variables
+                "count": len(written.specs), "bf16": sum(s.dtype == "bfloat16" for s in written.specs),
+                "bytes": written.nbytes, "source_bytes": self.variables.nbytes}
+        elif frozen:
             model_io.write_frozen(self._graph_def, path, text=path.endswith(".pbtxt"))
         else:
             model_io.write_saved_model(self._graph_def, self.signature, path)
@@ -131,6 +159,15 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({len(self._graph_def.node)} nodes, inputs={self.input_names}, "
                 f"outputs={self.output_names})")
+
+
+def _too_large_for_pb(variables: variables_lib.Variables, path: str) -> str:
+    """Why a model with weights kept as variables cannot be a frozen GraphDef, and what to write instead."""
+    stem = path[:-len(".pbtxt")] if path.endswith(".pbtxt") else path[:-len(".pb")]
+    return (f"the model's weights take {variables_lib.format_bytes(variables.nbytes)}, over protobuf's "
+            f"{variables_lib.format_bytes(model_io.MAX_PROTO_BYTES)} limit for one GraphDef, so they cannot be "
+            f"frozen into a .pb/.pbtxt file; write a SavedModel directory instead (an output path without .pb, "
+            f"e.g. {stem or 'model'}_savedmodel), which keeps the weights as variables")
 
 
 def _same_or_inside(path: str, source: str) -> bool:

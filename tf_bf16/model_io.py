@@ -20,11 +20,13 @@ from absl import logging
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2
 
+from tf_bf16 import variables as variables_lib
 from tf_bf16.errors import GraphError, MalformedGraphError, ModelLoadError, ModelSaveError, UnsupportedModelError
 from tf_bf16.transforms import graph as graph_lib
 from tf_bf16.transforms.op_classes import STATE_OPS
 
-# A frozen GraphDef is one protobuf message, which cannot exceed 2 GiB.
+# A frozen GraphDef is one protobuf message, which cannot exceed 2 GiB. A SavedModel whose
+# weights and graph would not fit in one keeps its weights as variables (``tf_bf16.variables``).
 MAX_PROTO_BYTES = 2 * 1024 ** 3
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 SERVE_TAG = "serve"
@@ -57,13 +59,18 @@ class Signature:
 
 @dataclasses.dataclass
 class LoadedGraph:
-    """What a loader produces; names are None when the source does not say."""
+    """What a loader produces; names are None when the source does not say.
+
+    ``variables`` is set for a model too large to freeze: the graph then reads its weights
+    through ``VarHandleOp`` nodes whose values stay in that checkpoint.
+    """
 
     graph_def: graph_pb2.GraphDef
     input_names: Optional[List[str]]
     output_names: Optional[List[str]]
     signature: Optional[Signature]
     source_path: Optional[str]
+    variables: Optional[variables_lib.Variables] = None
 
 
 def load(source: Any, signature_key: str = "serving_default") -> LoadedGraph:
@@ -230,19 +237,53 @@ def _load_kernels_for(graph_def: graph_pb2.GraphDef, path: Optional[str]) -> Non
 # ----------------------------------------------------------------------------- SavedModel
 
 def _load_saved_model(path: str, signature_key: str) -> LoadedGraph:
-    import tensorflow as tf
+    """Freeze the signature, or keep its weights as variables when they would not fit in one GraphDef.
 
-    weights = _dir_bytes(os.path.join(path, "variables"))
-    if weights > MAX_PROTO_BYTES:
-        raise UnsupportedModelError(path, f"weights take {weights / 1024 ** 3:.2f} GiB; a frozen GraphDef is "
-                                          "limited to 2 GiB, so this model cannot be converted offline")
+    The checkpoint's index says how large the weights are without reading them; a model that
+    may be too large is then loaded without its weights, so it costs no weight memory until it
+    is run or saved.
+    """
     frozen = _read_frozen_saved_model(path, signature_key)
     if frozen is not None:
         return frozen
+    prefix = variables_lib.checkpoint_prefix(path)
+    large = variables_lib.has_checkpoint(prefix) and not _fits_in_graph_def(
+        variables_lib.checkpoint_weight_bytes(prefix), path)
+    loaded = _load_saved_model_object(path, skip_checkpoint=large)
+    chosen, aliases, dropped = _choose_signature(loaded, path, signature_key)
+    if large and _fits_in_graph_def(_function_weight_bytes(chosen), path):
+        # The checkpoint is large (optimizer slots, other signatures' weights), this signature's weights are not.
+        loaded = _load_saved_model_object(path, skip_checkpoint=False)
+        chosen, aliases, dropped = _choose_signature(loaded, path, signature_key)
+        large = False
+    if dropped:
+        logging.warning("%s: converting signature %r only; signature(s) %s compute something else and are "
+                        "not kept (load with signature=... to convert one of them)", path, signature_key, dropped)
+    if large:
+        return _load_keeping_variables(loaded, chosen, path, signature_key, aliases)
+    return _freeze_function(chosen, path, signature_key, structured=True, aliases=aliases)
+
+
+def _fits_in_graph_def(weight_bytes: int, path: str) -> bool:
+    """Whether ``weight_bytes`` frozen into the SavedModel's graph stay within ``MAX_PROTO_BYTES``."""
+    graph_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in SAVED_MODEL_FILES
+                      if os.path.isfile(os.path.join(path, f)))
+    return weight_bytes + graph_bytes <= MAX_PROTO_BYTES
+
+
+def _load_saved_model_object(path: str, skip_checkpoint: bool) -> Any:
+    """``tf.saved_model.load``; with ``skip_checkpoint`` the variables stay uninitialized (no weight memory)."""
+    import tensorflow as tf
+
+    options = tf.saved_model.LoadOptions(experimental_skip_checkpoint=skip_checkpoint)
     try:
-        loaded = tf.saved_model.load(path)
+        return tf.saved_model.load(path, options=options)
     except Exception as exc:
         raise ModelLoadError(path, f"cannot load SavedModel: {_first_line(exc)}")
+
+
+def _choose_signature(loaded: Any, path: str, signature_key: str) -> Tuple[Any, List[str], List[str]]:
+    """The signature function to convert, the other keys serving the same function, and those that do not."""
     keys = sorted(loaded.signatures.keys())
     if signature_key not in loaded.signatures:
         raise ModelLoadError(path, f"no signature {signature_key!r}; available signatures: {keys or 'none'}")
@@ -251,10 +292,41 @@ def _load_saved_model(path: str, signature_key: str) -> LoadedGraph:
     for key in keys:
         if key != signature_key:
             (aliases if _same_endpoint(chosen, loaded.signatures[key]) else dropped).append(key)
-    if dropped:
-        logging.warning("%s: converting signature %r only; signature(s) %s compute something else and are "
-                        "not kept (load with signature=... to convert one of them)", path, signature_key, dropped)
-    return _freeze_function(chosen, path, signature_key, structured=True, aliases=aliases)
+    return chosen, aliases, dropped
+
+
+def _function_weight_bytes(fn: Any) -> int:
+    """Bytes of the variables a (concrete) function reads."""
+    return sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in getattr(fn, "variables", ()))
+
+
+def _load_keeping_variables(loaded: Any, fn: Any, path: str, signature_key: str,
+                            aliases: Sequence[str]) -> LoadedGraph:
+    """The signature's graph with its functions inlined and its weights left in the checkpoint.
+
+    Captured variables become ``VarHandleOp`` nodes (their values are read only when the model
+    runs or is saved), other captured tensors Consts, captured lookup tables table nodes.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import convert_to_constants
+
+    prefix = variables_lib.checkpoint_prefix(path)
+    specs = variables_lib.function_variables(fn, variables_lib.checkpointed_variables(loaded, prefix), path)
+    try:
+        # The inlining convert_variables_to_constants_v2 does before it freezes, with its defaults.
+        graph_def = convert_to_constants._run_inline_graph_optimization(  # pylint: disable=protected-access
+            fn, lower_control_flow=True, aggressive_inlining=False)
+    except Exception as exc:
+        raise UnsupportedModelError(path, f"cannot inline the signature's functions: {_first_line(exc)}")
+    graph_def, bound = variables_lib.bind_captures(graph_def, specs, variables_lib.captured_constants(fn))
+    graph_def = _embed_lookup_tables(graph_def, fn, path)
+    in_tensors = [t for t in fn.inputs if t.dtype != tf.resource]
+    result = _loaded_from_function(graph_def, in_tensors, list(fn.outputs), fn, path, signature_key,
+                                   structured=True, aliases=aliases)
+    result.variables = variables_lib.Variables(prefix, bound)
+    logging.info("%s: weights take %s, too large to freeze into one GraphDef; keeping them as %d variables",
+                 path, variables_lib.format_bytes(result.variables.nbytes), len(bound))
+    return result
 
 
 _INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "main_op", "table_initializer")
@@ -355,17 +427,6 @@ def _same_endpoint(a: Any, b: Any) -> bool:
     return stripped(a) == stripped(b)
 
 
-def _dir_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
-
-
 # ----------------------------------------------------------------------------- freezing
 
 def _is_keras_model(obj: Any) -> bool:
@@ -386,7 +447,9 @@ def _freeze_keras(model: Any, path: Optional[str], signature_key: str) -> Loaded
     weight_bytes = sum(int(w.numpy().nbytes) for w in model.weights)
     if weight_bytes > MAX_PROTO_BYTES:
         raise UnsupportedModelError(path, f"Keras model weights take {weight_bytes / 1024 ** 3:.2f} GiB; a frozen "
-                                          "GraphDef is limited to 2 GiB")
+                                          "GraphDef is limited to 2 GiB; export the model as a SavedModel "
+                                          "(model.export(directory)) and convert that directory, which keeps the "
+                                          "weights as variables")
     try:
         inputs = list(model.inputs)
     except (AttributeError, ValueError):
@@ -414,19 +477,30 @@ def _freeze_function(fn: Any, path: Optional[str], signature_key: str, structure
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    var_bytes = sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in getattr(fn, "variables", ()))
+    var_bytes = _function_weight_bytes(fn)
     if var_bytes > MAX_PROTO_BYTES:
         raise UnsupportedModelError(path, f"weights take {var_bytes / 1024 ** 3:.2f} GiB; a frozen GraphDef is "
-                                          "limited to 2 GiB")
+                                          "limited to 2 GiB; save the model as a SavedModel (tf.saved_model.save) "
+                                          "and convert that directory, which keeps the weights as variables")
     try:
         frozen = convert_variables_to_constants_v2(fn)
     except Exception as exc:
         raise UnsupportedModelError(path, f"cannot freeze the model's variables: {_first_line(exc)}")
     graph_def = frozen.graph.as_graph_def()
+    graph_def = _embed_lookup_tables(graph_def, fn, path)
     if graph_def.ByteSize() > MAX_PROTO_BYTES:  # pragma: no cover - guarded above
         raise UnsupportedModelError(path, "frozen graph exceeds the 2 GiB protobuf limit")
-
     in_tensors = [t for t in frozen.inputs if t.dtype != tf.resource]
+    return _loaded_from_function(graph_def, in_tensors, list(frozen.outputs), fn, path, signature_key, structured,
+                                 input_keys, aliases)
+
+
+def _loaded_from_function(graph_def: graph_pb2.GraphDef, in_tensors: Sequence[Any], out_tensors: Sequence[Any],
+                          fn: Any, path: Optional[str], signature_key: str, structured: bool,
+                          input_keys: Optional[Sequence[str]] = None, aliases: Sequence[str] = ()) -> LoadedGraph:
+    """``graph_def`` (``fn`` frozen or inlined) with ``fn``'s signature keys on its input and output tensors."""
+    import tensorflow as tf
+
     input_names = [t.op.name for t in in_tensors]
     flat_specs = [s for s in tf.nest.flatten(fn.structured_input_signature) if isinstance(s, tf.TensorSpec)]
     if structured and isinstance(fn.structured_input_signature[1], dict) and fn.structured_input_signature[1]:
@@ -443,7 +517,7 @@ def _freeze_function(fn: Any, path: Optional[str], signature_key: str, structure
     # The frozen function keeps only a flat output list (in tf.nest.flatten order of the
     # original structure, i.e. dict keys sorted), so the keys come from the original.
     structure = fn.structured_outputs
-    flat = list(frozen.outputs)
+    flat = list(out_tensors)
     if (isinstance(structure, dict) and len(structure) == len(flat)
             and len(tf.nest.flatten(structure)) == len(flat) and all(isinstance(k, str) for k in structure)):
         out_items = list(zip(sorted(structure), flat))
@@ -454,6 +528,106 @@ def _freeze_function(fn: Any, path: Optional[str], signature_key: str, structure
     output_names = [spec.name for spec in sig_outputs.values()]
     signature = Signature(signature_key, sig_inputs, sig_outputs, tuple(aliases))
     return LoadedGraph(graph_def, input_names, output_names, signature, path)
+
+
+# Table ops that only read a table, with the attrs naming its key and value dtypes (None: no dtypes).
+_TABLE_READERS = {"LookupTableFindV2": ("Tin", "Tout"), "LookupTableExportV2": ("Tkeys", "Tvalues"),
+                  "LookupTableSizeV2": None}
+# Ops that carry a table handle on unchanged (lowered cond/while frames, identities).
+_HANDLE_FORWARDERS = frozenset({"Identity", "IdentityN", "Enter", "Exit", "Switch", "Merge", "NextIteration"})
+
+
+def _embed_lookup_tables(graph_def: graph_pb2.GraphDef, fn: Any, path: Optional[str]) -> graph_pb2.GraphDef:
+    """Put the lookup tables a frozen function reads through captured handles into the graph itself.
+
+    ``convert_variables_to_constants_v2`` inlines variables only: a captured table handle (a
+    ``tf.lookup.StaticHashTable`` of a SavedModel or ``tf.Module``) stays a resource Placeholder
+    that nothing feeds, so the frozen graph, and every SavedModel or .pb written from it, fails
+    to run ("depends on a placeholder which is not an input"). Here each captured handle that only
+    table readers use becomes a ``HashTableV2`` node of the same name plus an ``InitializeTableV2``
+    from Consts holding the table's current contents; the handle's direct consumers wait for it
+    (control input; ``remove_identity`` moves such inputs onto the consumers it rewires). The graph
+    then needs no separate init op: re-running ``InitializeTableV2`` on a table it already filled
+    only compares sizes. Tables that are written (insert, remove, import) or are not plain
+    key -> scalar maps (dense hash tables, tables of tensors) are refused by name: a snapshot of
+    them would compute something else.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import tensor_util
+    from tensorflow.python.ops import gen_lookup_ops
+
+    resource = tf.resource.as_datatype_enum
+    handles = [n for n in graph_def.node if n.op == "Placeholder" and n.attr["dtype"].type == resource]
+    if not handles:
+        return graph_def
+    captured = {internal.op.name: external for external, internal in fn.graph.captures}
+    index = graph_lib.GraphIndex(graph_def)
+    extra = []
+    for node in handles:
+        if node.name not in captured or not index.has_consumers(node.name):
+            continue
+        readers, stack, seen = [], [(node.name, None)], set()
+        while stack:   # the ops that use the table, past identities and lowered control flow
+            src = stack.pop()
+            if src in seen:
+                continue
+            seen.add(src)
+            for consumer, i in index.consumers(*src):
+                if consumer.op in _HANDLE_FORWARDERS:
+                    stack.append((consumer.name, i if consumer.op == "IdentityN" else None))
+                else:
+                    readers.append(consumer)
+        if not readers or not all(r.op.startswith(("LookupTable", "InitializeTable")) for r in readers):
+            logging.warning("%s: resource input %r is used by %s, not only by lookup-table reads; it is left as "
+                            "a placeholder the frozen graph cannot run without", path, node.name,
+                            sorted({r.op for r in readers}))
+            continue
+        writers = sorted(f"{r.name} ({r.op})" for r in readers if r.op not in _TABLE_READERS)
+        if writers:
+            raise UnsupportedModelError(path, f"lookup table {node.name!r} is modified by {writers[:3]}; tf_bf16 "
+                                              "freezes tables as read-only snapshots")
+        dtypes = {tuple(r.attr[a].type for a in _TABLE_READERS[r.op]) for r in readers if _TABLE_READERS[r.op]}
+        if len(dtypes) != 1:
+            raise UnsupportedModelError(path, f"cannot tell the key and value dtypes of lookup table {node.name!r} "
+                                              f"from its readers {sorted({r.op for r in readers})}")
+        (key_dtype, value_dtype), = dtypes
+        handle = captured[node.name]
+        try:
+            keys, values = gen_lookup_ops.lookup_table_export_v2(handle, Tkeys=key_dtype, Tvalues=value_dtype)
+            size = int(gen_lookup_ops.lookup_table_size_v2(handle))
+        except Exception as exc:
+            raise UnsupportedModelError(path, f"cannot read the contents of lookup table {node.name!r}: "
+                                              f"{_first_line(exc)}") from exc
+        if keys.shape.rank != 1 or values.shape.rank != 1 or int(keys.shape[0]) != size:
+            # A dense hash table exports its empty buckets too; a table of tensors has rank-2 values.
+            raise UnsupportedModelError(path, f"lookup table {node.name!r} is not a plain key -> scalar table "
+                                              f"(exports {tuple(keys.shape)} keys, {tuple(values.shape)} values for "
+                                              f"{size} entries); tf_bf16 can freeze only those")
+        names = {n.name for n in graph_def.node} | {n.name for n in extra}
+        key_name = graph_lib.unique_name(names, f"{node.name}/keys")
+        value_name = graph_lib.unique_name(names | {key_name}, f"{node.name}/values")
+        init_name = graph_lib.unique_name(names | {key_name, value_name}, f"{node.name}/table_init")
+        for const_name, tensor, dtype in ((key_name, keys, key_dtype), (value_name, values, value_dtype)):
+            const = graph_lib.make_node("Const", const_name, device=node.device)
+            const.attr["dtype"].type = dtype
+            const.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(tensor.numpy(), dtype=tf.as_dtype(dtype)))
+            extra.append(const)
+        init = graph_lib.make_node("InitializeTableV2", init_name, [node.name, key_name, value_name],
+                                   device=node.device)
+        init.attr["Tkey"].type, init.attr["Tval"].type = key_dtype, value_dtype
+        extra.append(init)
+        for consumer, _ in index.consumers(node.name):
+            if f"^{init_name}" not in consumer.input:
+                consumer.input.append(f"^{init_name}")
+        # Same name, so every reader stays wired; private to its graph (no shared_name).
+        name, device = node.name, node.device
+        node.Clear()
+        node.name, node.op, node.device = name, "HashTableV2", device
+        node.attr["key_dtype"].type, node.attr["value_dtype"].type = key_dtype, value_dtype
+        node.attr["container"].s, node.attr["shared_name"].s = b"", b""
+        node.attr["use_node_name_sharing"].b = False
+    graph_def.node.extend(extra)
+    return graph_def
 
 
 def _shape_tuple(shape: Any) -> Optional[Tuple[Optional[int], ...]]:
@@ -730,6 +904,41 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: Any, path: str) 
         _record_kernel_requirement(graph_def, tmp)
 
     write_atomically(path, write, "cannot write SavedModel")
+
+
+def write_saved_model_with_variables(graph_def: graph_pb2.GraphDef, signature: Any,
+                                     variables: variables_lib.Variables, path: str,
+                                     keep: Sequence[str] = ()) -> variables_lib.Variables:
+    """Write a SavedModel (tag ``serve``) whose weights are ``variables``, for a model too large to freeze.
+
+    FP32 variables read only through Casts to BF16 become BF16 variables (``fold_read_casts``;
+    ``keep`` names nodes that must stay, the graph's inputs and outputs); the checkpoint is
+    streamed from the source one variable at a time (``write_checkpoint``). The SavedModel is a
+    TF1-style one (graph, Saver, ``variables`` collection) that ``tf.saved_model.load``, TF Serving
+    and ``tf.compat.v1.saved_model.load`` all read. Returns the variables as written.
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    _check_saved_model_target(path)
+    folded, written = variables_lib.fold_read_casts(with_versions(graph_def), variables.present_in(graph_def), keep)
+    meta = variables_lib.meta_graph_with_variables(folded, written)
+    meta.meta_info_def.tags.append(SERVE_TAG)
+    sig_def = _signature_def(signature)
+    for key in (signature.key,) + tuple(getattr(signature, "aliases", ())):
+        meta.signature_def[key].CopyFrom(sig_def)
+    saved = saved_model_pb2.SavedModel(saved_model_schema_version=1)
+    saved.meta_graphs.add().CopyFrom(meta)
+
+    def write(tmp: str) -> None:
+        tf.io.gfile.makedirs(os.path.join(tmp, "variables"))
+        variables_lib.write_checkpoint(written, variables_lib.checkpoint_prefix(tmp))
+        with open(os.path.join(tmp, "saved_model.pb"), "wb") as f:
+            f.write(saved.SerializeToString())
+        _record_kernel_requirement(folded, tmp)
+
+    write_atomically(path, write, "cannot write SavedModel")
+    return written
 
 
 def _check_saved_model_target(path: str) -> None:
