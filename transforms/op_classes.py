@@ -255,6 +255,10 @@ PAINT_RULES: Mapping[OpClass, PaintRule] = types.MappingProxyType({
 })
 UNLISTED_RULE = PaintRule()  # an op in no class stays FP32 and takes part in no rule
 
+# Fused normalizations the clean-up writes (fuse_layer_norm): statistics and all stay FP32,
+# since oneDNN cannot make a BF16 layer-norm primitive on AVX2-only CPUs (measured).
+FP32_FUSED_NORM_OPS: FrozenSet[str] = frozenset({"_MklLayerNorm"})
+
 
 def paint_rule(op: str) -> PaintRule:
     """The paint rule of op type ``op`` (``UNLISTED_RULE`` for an op in no class)."""
@@ -273,6 +277,8 @@ def bf16_refusal(op: str, attr: str, forced: Optional[str], opdef_allows_bf16: b
     cls = _CLASS_OF.get(op)
     if forced == "fp32":
         return "forced FP32 by config"
+    if op in FP32_FUSED_NORM_OPS and forced != "bf16":
+        return f"normalization statistics kept FP32 inside the fused {op} (one op, FP32 statistics)"
     if cls is None and forced != "bf16":
         return f"op {op} is not in tf_bf16's op lists"
     if cls is OpClass.DENY and forced != "bf16":
