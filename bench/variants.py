@@ -121,6 +121,7 @@ def _calibration_feeds(model: Any) -> Any:
 def tf_bf16_int8(model: Any) -> Variant:
     """Clean-up, minmax calibration on random inputs, then INT8 + BF16 + cast folding."""
     from tf_bf16 import calibration, pipeline
+    from tf_bf16.capability import detect_cpu_features
     from tf_bf16.plan_builder import build_plan
     from tf_bf16.transforms.plan import QuantizationSpec
     from tf_bf16.transforms.quantize import calibration_tensors
@@ -133,7 +134,8 @@ def tf_bf16_int8(model: Any) -> Variant:
     ranges = calibration.calibrate(cleaned, model.input_names, calibration_tensors(cleaned, plan), feeds,
                                    INT8_CALIBRATION_BATCHES * INT8_CALIBRATION_BATCH)
     t_calib = time.perf_counter()
-    result = pipeline.convert_cleaned(cleaned, dataclasses.replace(plan, quantization=QuantizationSpec(ranges)))
+    spec = QuantizationSpec(ranges, weight_max=detect_cpu_features().int8_weight_max)
+    result = pipeline.convert_cleaned(cleaned, dataclasses.replace(plan, quantization=spec))
     seconds = time.perf_counter() - start
     ops = [n.op for n in result.graph_def.node]
     extra = {"convert_stages": {"clean_up": round(t_clean - start, 3), "calibration": round(t_calib - t_clean, 3),

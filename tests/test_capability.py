@@ -258,3 +258,13 @@ def test_registry_memoizes_per_instance(registry):
     first = registry.bf16_attrs("AddV2")
     assert registry.bf16_attrs("AddV2") is first
     assert cap.KernelRegistry().bf16_attrs("AddV2") == first
+
+
+@pytest.mark.parametrize("flags, levels", [
+    ((), 63), (("avx2", "fma"), 63), (("avx512_vnni",), 127), (("avx_vnni",), 127), (("amx_int8",), 127),
+])
+def test_int8_weight_levels_follow_the_dot_product_instructions(flags, levels):
+    features = cap.CpuFeatures.from_flags(flags)
+    assert features.int8_weight_max == levels
+    assert features.int8_dot_native == (levels == 127)
+    assert cap.target_features("spr").int8_weight_max == 127

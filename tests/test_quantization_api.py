@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "digits_cnn"
 BF16, FP32 = tf.bfloat16.as_datatype_enum, tf.float32.as_datatype_enum
 CALIBRATION_SAMPLES = 200
+from tf_bf16.capability import detect_cpu_features
+
+CPU = detect_cpu_features()
 
 
 # ---------------------------------------------------------------------- helpers and fixtures
@@ -107,7 +110,8 @@ def test_report_counts_match_the_quantized_graph(fp32, quantized):
     assert report["precisions"] == ["int8", "bf16", "fp32"]
     assert report["calibration"] == {"algorithm": "minmax", "sampling_size": 100, "tensors": report["calibration"]
                                      ["tensors"], "ranges": report["calibration"]["tensors"],
-                                     "weight_granularity": "per_channel"}
+                                     "weight_granularity": "per_channel", "weight_max": CPU.int8_weight_max,
+                                     "cpu": CPU.model_name}
     assert {"clean_up", "calibration", "convert"} <= set(report["seconds"])
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from tests import zoo
 from tf_bf16 import calibration, pipeline
+from tf_bf16.capability import detect_cpu_features
 from tf_bf16.model import Model
 from tf_bf16.plan_builder import build_plan
 from tf_bf16.transforms import graph as g
@@ -22,6 +23,7 @@ from tf_bf16.transforms.context import TransformContext
 from tf_bf16.transforms.plan import PrecisionPlan, QuantizationSpec
 from tf_bf16.transforms.quantize import calibration_tensors, quantize
 
+CPU = detect_cpu_features()
 BF16, FP32, QUINT8 = tf.bfloat16.as_datatype_enum, tf.float32.as_datatype_enum, tf.quint8.as_datatype_enum
 
 
@@ -32,7 +34,7 @@ def _quantized(model: Model, feeds, node_precisions=None, granularity="per_chann
     tensors = calibration_tensors(cleaned, plan)
     ranges = calibration.calibrate(cleaned, model.input_names, tensors,
                                    [{model.input_names[0]: f} for f in feeds], sum(len(f) for f in feeds), algorithm)
-    spec = QuantizationSpec(ranges, weight_granularity=granularity)
+    spec = QuantizationSpec(ranges, weight_granularity=granularity, weight_max=CPU.int8_weight_max)
     result = pipeline.convert_cleaned(cleaned, dataclasses.replace(plan, quantization=spec))
     return result.graph_def, result, ranges
 
@@ -211,9 +213,9 @@ def test_without_a_spec_the_stage_is_skipped():
 
 
 @pytest.mark.parametrize("name, float_ops, max_err", [
-    ("resnet50", {"Conv2D", "MatMul"}, 5e-2),
+    ("resnet50", {"Conv2D", "MatMul"}, 5e-2),       # max relative error of the class probabilities
     ("mobilenetv2", {"Conv2D", "DepthwiseConv2dNative", "MatMul"}, 5e-2),
-    ("bert", {"MatMul"}, 2.5e-1),
+    ("bert", {"MatMul"}, 5e-2),        # relative L2 of the hidden states (2.5e-2 measured)
 ])
 def test_zoo_models_quantize_every_eligible_op_with_one_quantize_per_chain(zoo_model, zoo_inputs, name, float_ops,
                                                                            max_err):
@@ -228,4 +230,27 @@ def test_zoo_models_quantize_every_eligible_op_with_one_quantize_per_chain(zoo_m
             assert nodes[g.node_name(node.input[0])].op != "Dequantize", node.name
     x = zoo_inputs(name, batch=2, seed=5)
     got, want = model.with_graph_def(converted).run(x)[0], model.run(x)[0]
-    assert _rel_err(got, want) < max_err
+    err = _rel_err(got, want) if name != "bert" else float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert err < max_err
+
+
+def test_weights_use_the_levels_the_cpu_computes_exactly(digits):
+    keras_model, (x_test, y_test) = digits
+    model = Model(keras_model)
+    plan = build_plan(model.graph_def, model.input_names, model.output_names)
+    cleaned = pipeline.clean_up(model.graph_def, plan)
+    ranges = {t: (0.0, 8.0) for t in calibration_tensors(cleaned, plan)}
+    for levels in (127, 63):
+        spec = QuantizationSpec(ranges, weight_max=levels)
+        out = quantize(cleaned, TransformContext(dataclasses.replace(plan, quantization=spec)))
+        nodes = {n.name: n for n in out.node}
+        conv = next(n for n in out.node if n.op == "QuantizedConv2DWithBiasAndReluAndRequantize")
+        raw = np.asarray(g.const_value(nodes[conv.input[1]]))
+        weights = raw.view(np.int8).reshape(raw.shape).astype(np.float32)      # qint8 reads as a record dtype
+        assert np.abs(weights).max() == levels
+        # Dequantized with the op's +-127 convention, the weights are the FP32 ones to within a step.
+        original = np.asarray(g.const_value(next(n for n in cleaned.node if n.name == g.node_name(
+            next(c for c in cleaned.node if c.op == "Conv2D").input[1]))))
+        top = np.asarray(g.const_value(nodes[conv.input[6]]))
+        np.testing.assert_allclose(weights * top / 127.0, original, atol=float(np.max(top)) / 127.0)
+    assert CPU.int8_weight_max == (127 if CPU.int8_dot_native else 63)

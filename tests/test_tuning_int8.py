@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tests import zoo
 from tf_bf16 import calibration, config as config_lib, evaluation, int8_sensitivity, pipeline, tuning
+from tf_bf16.capability import detect_cpu_features
 from tf_bf16.model import Model
 from tf_bf16.plan_builder import build_plan
 from tf_bf16.transforms.plan import QuantizationSpec
@@ -29,7 +30,8 @@ def quantized_digits(digits):
     x_train = zoo.digits_data()[0]
     feeds = [{model.input_names[0]: x_train[i:i + 50]} for i in range(0, 200, 50)]
     ranges = calibration.calibrate(cleaned, model.input_names, calibration_tensors(cleaned, plan), feeds, 200)
-    plan = dataclasses.replace(plan, quantization=QuantizationSpec(ranges))
+    plan = dataclasses.replace(plan, quantization=QuantizationSpec(
+        ranges, weight_max=detect_cpu_features().int8_weight_max))
     return model, cleaned, plan, pipeline.convert_cleaned(cleaned, plan)
 
 

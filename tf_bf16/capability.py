@@ -50,12 +50,24 @@ class CpuFeatures:
     amx_bf16: bool = False
     amx_int8: bool = False
     avx512_vnni: bool = False
+    avx_vnni: bool = False
     model_name: str = "unknown CPU"
 
     @property
     def bf16_native(self) -> bool:
         """True when the CPU executes BF16 dot products in hardware (AVX512-BF16 or AMX)."""
         return self.avx512_bf16 or self.amx_bf16
+
+    @property
+    def int8_dot_native(self) -> bool:
+        """True when INT8 dot products accumulate in int32 directly (VNNI or AMX), without the
+        saturating int16 pair sums AVX2's vpmaddubsw uses."""
+        return self.avx512_vnni or self.avx_vnni or self.amx_int8
+
+    @property
+    def int8_weight_max(self) -> int:
+        """The largest INT8 weight magnitude that is exact here: 127, or 63 without VNNI/AMX."""
+        return 127 if self.int8_dot_native else 63
 
     @classmethod
     def from_flags(cls, flags: Iterable[str], model_name: str = "unknown CPU") -> "CpuFeatures":

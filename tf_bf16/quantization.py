@@ -198,9 +198,12 @@ class Quantization:
         sampling_size, algorithm = settings.sampling_size(), settings.activation_algorithm()
         ranges = calibration.calibrate(cleaned, model.input_names, tensors, _feeds(loader, model.input_names),
                                        sampling_size, algorithm)
-        spec = QuantizationSpec(ranges, weight_granularity=settings.weight_granularity())
+        cpu = cap_lib.resolve_capability(self.target, env=os.environ if self.env is None else self.env).cpu
+        spec = QuantizationSpec(ranges, weight_granularity=settings.weight_granularity(),
+                                weight_max=cpu.int8_weight_max)
         info = {"algorithm": algorithm, "sampling_size": sampling_size, "tensors": len(tensors),
-                "ranges": len(ranges), "weight_granularity": spec.weight_granularity}
+                "ranges": len(ranges), "weight_granularity": spec.weight_granularity,
+                "weight_max": spec.weight_max, "cpu": cpu.model_name}
         return dataclasses.replace(plan, quantization=spec), info
 
     def _convert(self, cleaned: GraphDef, plan: PrecisionPlan) -> pipeline.ConversionResult:

@@ -30,9 +30,15 @@ class QuantizationSpec:
 
     ranges: Mapping[str, Tuple[float, float]] = dataclasses.field(default_factory=dict)
     weight_granularity: str = "per_channel"
+    # The largest INT8 weight magnitude used: 127, or 63 for CPUs without VNNI/AMX, whose
+    # u8 x s8 dot products add pairs into saturating int16 (measured: a 768x3072 INT8 MatMul on
+    # AVX2 has 9.4% relative error with 127, 1.4% with 63).
+    weight_max: int = 127
 
     def __post_init__(self):
         object.__setattr__(self, "ranges", _freeze_mapping(self.ranges))
+        if not 1 <= self.weight_max <= 127:
+            raise ValueError(f"weight_max must be in [1, 127], got {self.weight_max}")
         if self.weight_granularity not in WEIGHT_GRANULARITIES:
             raise ValueError(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, got {self.weight_granularity!r}")
 

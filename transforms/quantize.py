@@ -14,8 +14,11 @@ Activations are UINT8 where provably non-negative (the output of a ReLU or of a 
 ReLU pattern, or a pool/concat of such), otherwise INT8 with a symmetric range. Depthwise and
 residual-sum ops take only UINT8 inputs (a signed input keeps the depthwise float and the sum
 outside); a MatMul of a signed input (BERT's dense layers) becomes ``_QuantizedMatMul``
-(INT8 x INT8, bias and dequantization fused, FP32 out), which ends its chain.
-Weights are symmetric INT8, per output channel unless the plan asks per tensor. Ranges come
+(INT8 x INT8, bias and dequantization fused, FP32 out), which ends its chain, and so does a
+BatchMatMul of an activation by a constant 2-D weight (BERT's attention projections), run as
+rows x weight between two Reshapes.
+Weights are symmetric INT8, per output channel unless the plan asks per tensor, using at most
+``plan.quantization.weight_max`` levels per side (63 for CPUs without VNNI/AMX, see plan.py). Ranges come
 from ``plan.quantization.ranges`` (see ``calibration_tensors``); a node the plan forces to
 BF16 or FP32 stays float for the later stages.
 
@@ -37,7 +40,8 @@ from tf_bf16.transforms.patterns import BIAS_OPS, data_readers, is_const
 from tf_bf16.transforms.plan import INT8, PrecisionPlan, QuantizationSpec
 
 QUINT8, QINT8 = types_pb2.DT_QUINT8, types_pb2.DT_QINT8
-CONTRACTIONS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul"})
+CONTRACTIONS = frozenset({"Conv2D", "DepthwiseConv2dNative", "MatMul", "BatchMatMul", "BatchMatMulV2"})
+BATCHED = frozenset({"BatchMatMul", "BatchMatMulV2"})   # with a 2-D constant weight: rows x weight
 ADD_OPS = frozenset({"Add", "AddV2", "AddN"})
 RELU_OPS = frozenset({"Relu", "Relu6"})
 POOLS = {"MaxPool": "QuantizedMaxPool", "AvgPool": "QuantizedAvgPool"}
@@ -47,6 +51,8 @@ SIGN_KEEPING_OPS = frozenset({"Reshape", "Squeeze", "ExpandDims", "Identity", "T
                               "Mean", "StridedSlice", "Slice", "Pad", "MirrorPad"})
 RELU6_MAX = 6.0
 SIGNED_MATMUL = "_QuantizedMatMul"   # INT8 x INT8 -> FP32; takes one weight range (per tensor)
+SIGNED_MATMUL_ATTRS = {"T1": types_pb2.DT_QINT8, "T2": types_pb2.DT_QINT8, "Tbias": types_pb2.DT_FLOAT,
+                       "Tout": types_pb2.DT_FLOAT}
 
 
 @dataclasses.dataclass
@@ -92,7 +98,7 @@ def calibration_tensors(graph_def: graph_pb2.GraphDef, plan: PrecisionPlan) -> L
         if op == "DepthwiseConv2dNative" and not unsigned:
             continue                                       # stays float: nothing to calibrate
         wanted.append(pattern.input)
-        if op == "MatMul" and not unsigned:
+        if op in BATCHED or (op == "MatMul" and not unsigned):
             continue                                       # _QuantizedMatMul to FP32: no output range
         wanted.append(g.canonical_tensor(pattern.output.name))
         if pattern.summand is not None:
@@ -162,6 +168,9 @@ def _weight_ok(node: node_def_pb2.NodeDef, index: g.GraphIndex) -> bool:
         return False
     if node.op == "MatMul":
         return not node.attr["transpose_a"].b and not node.attr["transpose_b"].b
+    if node.op in BATCHED:
+        return not node.attr["adj_x"].b and not node.attr["adj_y"].b and \
+            len(weight.attr["value"].tensor.tensor_shape.dim) == 2
     if node.attr["data_format"].s not in (b"", b"NHWC") or node.attr["padding"].s not in (b"SAME", b"VALID"):
         return False
     return list(node.attr["dilations"].list.i) in ([], [1, 1, 1, 1])
@@ -245,6 +254,9 @@ class _Builder:
     def contraction(self, pattern: _Pattern) -> None:
         """One quantized op for the pattern, or nothing when an input or range is missing."""
         op = pattern.contraction.op
+        if op in BATCHED:
+            self._batched_matmul(pattern)
+            return
         if op == "MatMul" and not _non_negative(pattern.input, self.index):
             self._signed_matmul(pattern)
             return
@@ -310,17 +322,63 @@ class _Builder:
     def _signed_matmul(self, pattern: _Pattern) -> None:
         """A MatMul of a signed activation: INT8 x INT8 with the bias and the dequantization fused
         (``_QuantizedMatMul``, FP32 output under the pattern's name); a ReLU after it stays float."""
-        attrs = {"T1": QINT8, "T2": QINT8, "Tbias": types_pb2.DT_FLOAT, "Tout": types_pb2.DT_FLOAT}
-        if not _has_kernel(SIGNED_MATMUL, attrs):
+        if not _has_kernel(SIGNED_MATMUL, SIGNED_MATMUL_ATTRS):
             return
         source = self._input(pattern.input, needs_unsigned=False)
         if source is None or source.dtype != QINT8:
             return
+        pattern = dataclasses.replace(pattern, relu=None)    # the fused op has no ReLU: it stays float
+        self._emit_signed_matmul(pattern, source, pattern.output.name)
+
+    def _batched_matmul(self, pattern: _Pattern) -> None:
+        """A BatchMatMul of a [..., K] activation by a constant [K, N] weight (BERT's attention
+        projections) as rows x weight: Reshape to [-1, K] (shared by every projection of the same
+        input, with its QuantizeV2), ``_QuantizedMatMul``, Reshape back to [..., N] under the
+        pattern's name."""
+        if not _has_kernel(SIGNED_MATMUL, SIGNED_MATMUL_ATTRS):
+            return
         pattern = dataclasses.replace(pattern, relu=None)
+        value_range = self._range(pattern.input)
+        if value_range is None:
+            return
+        k, n = (int(d.size) for d in self.index.nodes[g.node_name(pattern.contraction.input[1])]
+                .attr["value"].tensor.tensor_shape.dim)
+        device = pattern.contraction.device
+        source = self._rows(pattern.input, k, value_range, device)
+        product = self._name(f"{pattern.output.name}/int8_rows")
+        self._emit_signed_matmul(pattern, source, product)
+        shape = self._name(f"{pattern.output.name}/int8_shape")
+        self.added.append(_node("Shape", shape, [pattern.input], device, T=types_pb2.DT_FLOAT,
+                                out_type=types_pb2.DT_INT32))
+        lead = self._name(f"{pattern.output.name}/int8_leading_dims")
+        slice_node = _node("StridedSlice", lead, [shape, self._ints(f"{lead}/begin", [0], device),
+                                                  self._ints(f"{lead}/end", [-1], device),
+                                                  self._ints(f"{lead}/strides", [1], device)],
+                           device, T=types_pb2.DT_INT32, Index=types_pb2.DT_INT32)
+        self.added.append(slice_node)
+        full = self._name(f"{pattern.output.name}/int8_out_shape")
+        self.added.append(_node("ConcatV2", full, [lead, self._ints(f"{full}/last", [n], device),
+                                                   self._ints(f"{full}/axis", 0, device)],
+                                device, T=types_pb2.DT_INT32, Tidx=types_pb2.DT_INT32, N=2))
+        self.added.append(_node("Reshape", pattern.output.name, [product, full], device, T=types_pb2.DT_FLOAT,
+                                Tshape=types_pb2.DT_INT32))
+
+    def _rows(self, tensor: str, k: int, value_range: Tuple[float, float], device: str) -> _QTensor:
+        """``tensor`` reshaped to [-1, k] and quantized to symmetric INT8, once per tensor."""
+        key = (f"{tensor}/rows{k}", QINT8)
+        if key not in self.quantize_nodes:
+            rows = self._name(f"{g.node_name(tensor)}/int8_rows_{k}")
+            self.added.append(_node("Reshape", rows, [tensor, self._ints(f"{rows}/shape", [-1, k], device)],
+                                    device, T=types_pb2.DT_FLOAT, Tshape=types_pb2.DT_INT32))
+            self.quantize_nodes[key] = self._quantize_v2(rows, QINT8, value_range, device)
+        return self.quantize_nodes[key]
+
+    def _emit_signed_matmul(self, pattern: _Pattern, source: _QTensor, name: str) -> None:
+        """``_QuantizedMatMul`` named ``name`` for the pattern's contraction and bias; drops the pattern's nodes."""
         weights, w_min, w_max = self._weights(pattern)
         inputs = [source.values, weights, self._bias(pattern), source.min, source.max, w_min, w_max]
-        node = g.make_node(SIGNED_MATMUL, pattern.output.name, inputs, device=pattern.contraction.device)
-        for key, dtype in attrs.items():
+        node = g.make_node(SIGNED_MATMUL, name, inputs, device=pattern.contraction.device)
+        for key, dtype in SIGNED_MATMUL_ATTRS.items():
             node.attr[key].type = dtype
         node.attr["U"].type = types_pb2.DT_FLOAT
         node.attr["Thost_inputs"].list.type.extend([QINT8, QINT8] + [types_pb2.DT_FLOAT] * 5)
@@ -329,7 +387,8 @@ class _Builder:
         node.attr["Tdevice_outputs"].list.SetInParent()
         node.attr["fused_ops"].list.s.extend([b"BiasAdd", b"Dequantize"])
         node.attr["input_quant_mode"].s = node.attr["output_quant_mode"].s = b"SCALED"
-        _copy_attrs(pattern.contraction, node)
+        if pattern.contraction.op == "MatMul":
+            _copy_attrs(pattern.contraction, node)
         self.added.append(node)
         self.removed.update(n.name for n in pattern.nodes())
         self.replaced.update(n.name for n in pattern.nodes())
@@ -392,19 +451,23 @@ class _Builder:
         dtype = QUINT8 if unsigned else QINT8
         key = (tensor, dtype)
         if key not in self.quantize_nodes:
-            low, high = value_range
-            top = max(abs(low), abs(high), 1e-6)
             producer = self.index.nodes[g.node_name(tensor)]
-            name = self._name(f"{g.node_name(tensor)}/quantize")
-            node = g.make_node("QuantizeV2", name,
-                               [tensor, self._scalar(f"{name}/min", 0.0 if unsigned else -top, producer.device),
-                                self._scalar(f"{name}/max", top, producer.device)], device=producer.device)
-            node.attr["T"].type = dtype
-            node.attr["mode"].s = b"SCALED"
-            node.attr["round_mode"].s = b"HALF_TO_EVEN"
-            self.added.append(node)
-            self.quantize_nodes[key] = _QTensor(name, f"{name}:1", f"{name}:2", dtype)
+            self.quantize_nodes[key] = self._quantize_v2(tensor, dtype, value_range, producer.device)
         return self.quantize_nodes[key]
+
+    def _quantize_v2(self, tensor: str, dtype: int, value_range: Tuple[float, float], device: str) -> _QTensor:
+        """A QuantizeV2 (SCALED) of ``tensor``: [0, max] for UINT8, symmetric for INT8."""
+        low, high = value_range
+        top = max(abs(low), abs(high), 1e-6)
+        name = self._name(f"{g.node_name(tensor)}/quantize")
+        node = g.make_node("QuantizeV2", name,
+                           [tensor, self._scalar(f"{name}/min", 0.0 if dtype == QUINT8 else -top, device),
+                            self._scalar(f"{name}/max", top, device)], device=device)
+        node.attr["T"].type = dtype
+        node.attr["mode"].s = b"SCALED"
+        node.attr["round_mode"].s = b"HALF_TO_EVEN"
+        self.added.append(node)
+        return _QTensor(name, f"{name}:1", f"{name}:2", dtype)
 
     def _range(self, tensor: str) -> Optional[Tuple[float, float]]:
         found = self.spec.ranges.get(tensor)
@@ -418,19 +481,23 @@ class _Builder:
         node = pattern.contraction
         weight_node = self.index.nodes[g.node_name(node.input[1])]
         w = np.asarray(g.const_value(weight_node), np.float32)
-        if self.spec.weight_granularity == "per_tensor" or node.op == "MatMul":   # quantized MatMul: one range
+        if self.spec.weight_granularity == "per_tensor" or node.op == "MatMul" or node.op in BATCHED:
+            # TensorFlow's quantized MatMuls take one weight range
             top = np.array(max(float(np.abs(w).max()), 1e-8), np.float32)
         else:
             top = np.maximum(np.abs(w.reshape(-1, w.shape[-1] if node.op != "DepthwiseConv2dNative" else
                                                w.shape[-2] * w.shape[-1])).max(axis=0), 1e-8).astype(np.float32)
         flat_top = top if top.ndim == 0 else top.reshape(w.shape[-1] if node.op != "DepthwiseConv2dNative"
                                                          else w.shape[-2:])
-        q = np.clip(np.round(w / flat_top * 127.0), -127, 127).astype(np.int8)
+        levels = self.spec.weight_max
+        q = np.clip(np.round(w / flat_top * levels), -levels, levels).astype(np.int8)
         name = self._name(f"{node.name}/weights_int8")
         const = g.make_const(name, q, dtype=QINT8, device=weight_node.device)
         self.added.append(const)
-        return (name, self._const(f"{name}/min", -top, weight_node.device),
-                self._const(f"{name}/max", top, weight_node.device))
+        # The ops map +-127 to the given range: with fewer levels the range widens to match.
+        edge = top * (127.0 / levels)
+        return (name, self._const(f"{name}/min", -edge, weight_node.device),
+                self._const(f"{name}/max", edge, weight_node.device))
 
     def _bias(self, pattern: _Pattern) -> str:
         """The FP32 bias Const (zeros when the contraction has no BiasAdd)."""
@@ -458,6 +525,12 @@ class _Builder:
         self.taken[name] = True
         return name
 
+    def _ints(self, base: str, value, device: str) -> str:
+        """An int32 Const (a shape, a slice bound, an axis)."""
+        name = self._name(base)
+        self.added.append(g.make_const(name, np.asarray(value, np.int32), device=device))
+        return name
+
     def _scalar(self, base: str, value: float, device: str) -> str:
         return self._const(base, np.array(value, np.float32), device)
 
@@ -465,6 +538,17 @@ class _Builder:
         name = self._name(base)
         self.added.append(g.make_const(name, np.asarray(value, np.float32), device=device))
         return name
+
+
+def _node(op: str, name: str, inputs: Sequence[str], device: str, **attrs) -> node_def_pb2.NodeDef:
+    """A node whose attrs are type enums (ints) or an int ``N``."""
+    node = g.make_node(op, name, inputs, device=device)
+    for key, value in attrs.items():
+        if key == "N":
+            node.attr[key].i = value
+        else:
+            node.attr[key].type = value
+    return node
 
 
 def _quantized_op(op: str, relu: bool, summand: Optional[_QTensor]) -> str:
