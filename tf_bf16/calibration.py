@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from tf_bf16.errors import ConfigError, EvaluationError
+from tf_bf16.transforms import graph as g
 
 ALGORITHMS = ("minmax", "percentile", "kl")
 PERCENTILE = 99.99
@@ -145,12 +146,12 @@ def calibrate(graph_def, input_names: Sequence[str], tensors: Sequence[str], fee
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
-    fetches = [graph.get_tensor_by_name(_tensor(t)) for t in tensors]
+    fetches = [graph.get_tensor_by_name(g.tf_tensor_name(t)) for t in tensors]
     observers = {t: _observer((algorithms or {}).get(t, algorithm)) for t in tensors}
     seen, batches, last_log, start = 0, 0, time.perf_counter(), time.perf_counter()
     with tf.compat.v1.Session(graph=graph) as session:
         for feed in feeds:
-            feed_dict = {graph.get_tensor_by_name(_tensor(n)): feed[n] for n in input_names}
+            feed_dict = {graph.get_tensor_by_name(g.tf_tensor_name(n)): feed[n] for n in input_names}
             values = session.run(fetches, feed_dict)
             for name, value in zip(tensors, values):
                 if value.size:
@@ -169,7 +170,3 @@ def calibrate(graph_def, input_names: Sequence[str], tensors: Sequence[str], fee
                  time.perf_counter() - start)
     return {name: observer.result() for name, observer in observers.items()
             if np.isfinite(observer.result()[0])}
-
-
-def _tensor(name: str) -> str:
-    return name if ":" in name else f"{name}:0"

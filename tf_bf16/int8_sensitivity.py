@@ -49,10 +49,10 @@ def int8_noise(cleaned: graph_pb2.GraphDef, ranges: Mapping[str, Tuple[float, fl
         graph = tf.Graph()
         with graph.as_default():
             tf.graph_util.import_graph_def(cleaned, name="")
-        tensors = [graph.get_tensor_by_name(_tf_name(t)) for t in fetch]
+        tensors = [graph.get_tensor_by_name(g.tf_tensor_name(t)) for t in fetch]
         with tf.compat.v1.Session(graph=graph) as session:
             for feed in feeds:
-                values = session.run(tensors, {graph.get_tensor_by_name(_tf_name(n)): feed[n] for n in input_names})
+                values = session.run(tensors, {graph.get_tensor_by_name(g.tf_tensor_name(n)): feed[n] for n in input_names})
                 for t, v in zip(fetch, values):
                     squares[t] += float(np.mean(np.square(v, dtype=np.float64))) / len(feeds)
     scores = {}
@@ -63,8 +63,3 @@ def int8_noise(cleaned: graph_pb2.GraphDef, ranges: Mapping[str, Tuple[float, fl
         activation = (step * step / 12.0) / squares[tensor] if squares[tensor] > 0 else 0.0
         scores[unit] = activation + _weight_noise(index.nodes[unit], index)
     return scores
-
-
-def _tf_name(tensor: str) -> str:
-    name, port, _ = g.parse_input(tensor)
-    return f"{name}:{port}"

@@ -68,14 +68,7 @@ class MixedPrecision:
     # ------------------------------------------------------------------ run
 
     def _load_model(self) -> Model:
-        if self.model is None:
-            raise ConfigError("converter.model is not set: give a SavedModel dir, .pb, Keras model, "
-                              "GraphDef, tf.Graph or ConcreteFunction")
-        if isinstance(self.model, Model):
-            return self.model
-        inputs = self.conf.model.inputs or None
-        outputs = self.conf.model.outputs or None
-        return Model(self.model, inputs=inputs, outputs=outputs)
+        return load_converter_model(self.model, self.conf)
 
     def _capability_warnings(self) -> Dict[str, Any]:
         env = os.environ if self.env is None else self.env
@@ -102,7 +95,7 @@ class MixedPrecision:
             report_lib.log_report(report)
             return model.with_graph_def(cleaned, report)
         extra = self._capability_warnings()
-        requires = _require_kernels() if self.kernels else None
+        requires = require_kernels() if self.kernels else None
         plan = self.plan_for(model)
         result = pipeline.convert_graph(model.graph_def, plan, self.kernels)
         if requires:
@@ -128,18 +121,32 @@ class MixedPrecision:
     fit = __call__
 
     def _has_evaluation(self) -> bool:
-        """Whether to tune: an eval_func, or evaluation data from code or the YAML config.
-
-        A dataloader without a metric (in code or YAML) is an error raised by the tuner, not
-        a silent skip.
-        """
-        if self.eval_func is not None or self.eval_dataloader is not None:
-            return True
-        accuracy = self.conf.evaluation.accuracy
-        return accuracy is not None and accuracy.dataloader is not None and accuracy.dataloader.dataset is not None
+        return has_evaluation(self.conf, self.eval_func, self.eval_dataloader)
 
 
-def _require_kernels() -> str:
+def load_converter_model(source: Any, conf: config_lib.Config) -> Model:
+    """A converter's ``model``: a ``tf_bf16.Model`` as given, else loaded with the config's inputs/outputs."""
+    if source is None:
+        raise ConfigError("converter.model is not set: give a SavedModel dir, .pb, Keras model, "
+                          "GraphDef, tf.Graph or ConcreteFunction")
+    if isinstance(source, Model):
+        return source
+    return Model(source, inputs=conf.model.inputs or None, outputs=conf.model.outputs or None)
+
+
+def has_evaluation(conf: config_lib.Config, eval_func: Any, eval_dataloader: Any) -> bool:
+    """Whether a converter tunes: an eval_func, or evaluation data from code or the YAML config.
+
+    A dataloader without a metric (in code or YAML) is an error raised by the tuner, not
+    a silent skip.
+    """
+    if eval_func is not None or eval_dataloader is not None:
+        return True
+    accuracy = conf.evaluation.accuracy
+    return accuracy is not None and accuracy.dataloader is not None and accuracy.dataloader.dataset is not None
+
+
+def require_kernels() -> str:
     """Load tf_bf16's kernel library (the converted graph uses its ops); ConfigError saying why not."""
     from tf_bf16 import kernels
 

@@ -114,8 +114,8 @@ class Model:
             if len(ordered) != len(self.input_names):
                 raise InputError(f"expected {len(self.input_names)} input(s) {self.input_names}, got {len(ordered)}")
         session = self._ensure_session(session_config)
-        feed_dict = {_tensor(n): v for n, v in zip(self.input_names, ordered)}
-        return list(session.run([_tensor(n) for n in self.output_names], feed_dict=feed_dict))
+        feed_dict = {graph_lib.tf_tensor_name(n): v for n, v in zip(self.input_names, ordered)}
+        return list(session.run([graph_lib.tf_tensor_name(n) for n in self.output_names], feed_dict=feed_dict))
 
     __call__ = run
 
@@ -174,8 +174,3 @@ def _same_or_inside(path: str, source: str) -> bool:
     """True when ``path`` is ``source`` itself (through links too) or lies inside it."""
     target, origin = os.path.realpath(path), os.path.realpath(source)
     return target == origin or target.startswith(origin.rstrip(os.sep) + os.sep)
-
-
-def _tensor(name: str) -> str:
-    node, port, _ = graph_lib.parse_input(name)
-    return f"{node}:{port}"

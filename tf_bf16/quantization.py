@@ -30,7 +30,7 @@ from tf_bf16 import config as config_lib
 from tf_bf16 import data as data_lib
 from tf_bf16 import pipeline, report as report_lib
 from tf_bf16.errors import ConfigError
-from tf_bf16.mixed_precision import _require_kernels
+from tf_bf16.mixed_precision import has_evaluation, load_converter_model, require_kernels
 from tf_bf16.model import Model
 from tf_bf16.plan_builder import build_plan
 from tf_bf16.transforms.plan import ALL_PRECISIONS, BF16, FP32, INT8, PrecisionPlan, QuantizationSpec
@@ -96,7 +96,7 @@ class Quantization:
         model = self._load_model()
         extra = self._capability(env)
         if self.kernels:
-            extra["kernels"] = {"requires": _require_kernels()}
+            extra["kernels"] = {"requires": require_kernels()}
         cleaned, plan, result, facts = self._quantize(model, loader)
         extra.update(facts)
         if self.kernels:
@@ -155,12 +155,7 @@ class Quantization:
                           f"give {CALIBRATION_KEY}.dataset (dummy, npz or tfrecord)")
 
     def _load_model(self) -> Model:
-        if self.model is None:
-            raise ConfigError("converter.model is not set: give a SavedModel dir, .pb, Keras model, "
-                              "GraphDef, tf.Graph or ConcreteFunction")
-        if isinstance(self.model, Model):
-            return self.model
-        return Model(self.model, inputs=self.conf.model.inputs or None, outputs=self.conf.model.outputs or None)
+        return load_converter_model(self.model, self.conf)
 
     def _capability(self, env: Mapping[str, str]) -> Dict[str, Any]:
         """Target facts for the report; with bf16 among the precisions, the BF16 hardware gate too."""
@@ -227,11 +222,7 @@ class Quantization:
         return extra
 
     def _has_evaluation(self) -> bool:
-        """Whether to tune: an eval_func, or evaluation data from code or the YAML config (as MixedPrecision)."""
-        if self.eval_func is not None or self.eval_dataloader is not None:
-            return True
-        accuracy = self.conf.evaluation.accuracy
-        return accuracy is not None and accuracy.dataloader is not None and accuracy.dataloader.dataset is not None
+        return has_evaluation(self.conf, self.eval_func, self.eval_dataloader)
 
 
 def _require_onednn(env: Mapping[str, str]) -> None:

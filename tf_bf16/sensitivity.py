@@ -146,11 +146,6 @@ def measurement_targets(cleaned: graph_pb2.GraphDef, outputs: Sequence[str]) -> 
     return list(dict.fromkeys(targets))
 
 
-def _tf_name(tensor: str) -> str:
-    name, port, _ = g.parse_input(tensor)
-    return f"{name}:{port}"
-
-
 def _session(graph_def: graph_pb2.GraphDef):
     import tensorflow as tf
 
@@ -192,14 +187,14 @@ def gradient_scores(cleaned: graph_pb2.GraphDef, converted: graph_pb2.GraphDef, 
     bf16_graph, bf16 = _session(converted)
     try:
         with graph.as_default():
-            ys = [graph.get_tensor_by_name(_tf_name(t)) for t in targets]
+            ys = [graph.get_tensor_by_name(g.tf_tensor_name(t)) for t in targets]
             ys = [y for y in ys if y.dtype == tf.float32]
             if not ys:
                 raise ValueError("no float32 output to measure the BF16 error at")
             bf16_values = [tf.compat.v1.placeholder(tf.float32, shape=None, name=f"tf_bf16_sensitivity/bf16_{i}")
                            for i in range(len(ys))]
             deltas = [tf.stop_gradient(v - y) for v, y in zip(bf16_values, ys)]
-            xs = [graph.get_tensor_by_name(_tf_name(u.tensor)) for u in units]
+            xs = [graph.get_tensor_by_name(g.tf_tensor_name(u.tensor)) for u in units]
             grads = tf.gradients(ys, xs, grad_ys=deltas)
             contributions, slots = [], []
             for i, (x, grad) in enumerate(zip(xs, grads)):
@@ -210,13 +205,13 @@ def gradient_scores(cleaned: graph_pb2.GraphDef, converted: graph_pb2.GraphDef, 
                 contributions.append(_magnitude(tf.cast(grad * rounding, tf.float64), x))
                 slots.append(i)
             energy = tf.add_n([tf.reduce_sum(tf.square(tf.cast(d, tf.float64))) for d in deltas])
-        fetch_bf16 = [bf16_graph.get_tensor_by_name(_tf_name(t)) for t in targets if
-                      graph.get_tensor_by_name(_tf_name(t)).dtype == tf.float32]
+        fetch_bf16 = [bf16_graph.get_tensor_by_name(g.tf_tensor_name(t)) for t in targets if
+                      graph.get_tensor_by_name(g.tf_tensor_name(t)).dtype == tf.float32]
         totals = np.zeros(len(slots))
         total_energy = 0.0
         for feed in feeds:
-            fp32_feed = {graph.get_tensor_by_name(_tf_name(n)): v for n, v in feed.items()}
-            bf16_feed = {bf16_graph.get_tensor_by_name(_tf_name(n)): v for n, v in feed.items()}
+            fp32_feed = {graph.get_tensor_by_name(g.tf_tensor_name(n)): v for n, v in feed.items()}
+            bf16_feed = {bf16_graph.get_tensor_by_name(g.tf_tensor_name(n)): v for n, v in feed.items()}
             measured = bf16.run(fetch_bf16, feed_dict=bf16_feed)
             fp32_feed.update({p: np.asarray(v, dtype=np.float32) for p, v in zip(bf16_values, measured)})
             values = fp32.run(contributions + [energy], feed_dict=fp32_feed)

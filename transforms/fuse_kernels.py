@@ -19,8 +19,8 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, data_readers, is_const,
-                                         keeps_last_dim)
+from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, is_const, keeps_last_dim,
+                                         sole_reader)
 
 CONV_OP = "TfBf16Conv2D"
 MATMUL_OP = "TfBf16MatMul"
@@ -121,11 +121,8 @@ def _filter_input(node: node_def_pb2.NodeDef, index: g.GraphIndex, new_consts: L
 def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
     """The one BF16 node on the same device that reads ``node``'s output (through a data edge on
     port 0, nothing else), when neither is protected or taken by another chain."""
-    readers = data_readers(node, index, protected)
-    if readers is None or len(readers) != 1:
-        return None
-    reader = readers[0]
-    if reader.name in protected or reader.attr["T"].type != g.BFLOAT16 or reader.device != node.device:
+    reader = sole_reader(node, index, protected)
+    if reader is None or reader.name in protected or reader.attr["T"].type != g.BFLOAT16 or reader.device != node.device:
         return None
     return reader
 

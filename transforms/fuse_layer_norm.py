@@ -23,7 +23,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import StaticShapes, data_readers, is_const
+from tf_bf16.transforms.patterns import StaticShapes, data_readers, is_const, sole_reader
 
 ADD_OPS = frozenset({"Add", "AddV2"})
 FUSED_OP = "_MklLayerNorm"
@@ -59,7 +59,7 @@ class _Norm:
 
 def fuse_layer_norm(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Each LayerNorm over the last axis of a 2-D/3-D FP32 tensor -> ``_MklLayerNorm`` (same name as its output)."""
-    if not _has_fp32_cpu_kernel(FUSED_OP):
+    if not g.has_cpu_kernel(FUSED_OP, {"T": types_pb2.DT_FLOAT}):
         return graph_def
     out = g.copy_graph(graph_def)
     index = g.GraphIndex(out)
@@ -98,21 +98,6 @@ def fuse_layer_norm(graph_def: graph_pb2.GraphDef, context: TransformContext) ->
     if not added:
         return graph_def
     return g.rebuild(out, [n for n in out.node if n.name not in dropped] + added)
-
-
-def _has_fp32_cpu_kernel(op: str) -> bool:
-    """Whether this TensorFlow registers ``op`` with an unlabelled float32 CPU kernel."""
-    from tensorflow.python.framework import kernels, op_def_registry
-
-    if op_def_registry.get(op) is None:
-        return False
-    for kernel in kernels.get_registered_kernels_for_op(op).kernel:
-        if kernel.device_type != "CPU" or kernel.label:
-            continue
-        allowed = {c.name: set(c.allowed_values.list.type) for c in kernel.constraint}
-        if types_pb2.DT_FLOAT in allowed.get("T", {types_pb2.DT_FLOAT}):
-            return True
-    return False
 
 
 def _match(rsqrt: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[_Norm]:
@@ -238,11 +223,9 @@ def _split(node: node_def_pb2.NodeDef, index: g.GraphIndex, wanted) -> tuple:
 
 def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset,
                  op: Optional[str]) -> Optional[node_def_pb2.NodeDef]:
-    """The one node reading ``node`` (of type ``op`` when given); None otherwise."""
-    readers = data_readers(node, index, protected)
-    if readers is None or len(readers) != 1 or (op is not None and readers[0].op != op):
-        return None
-    return readers[0]
+    """``patterns.sole_reader``, and of type ``op`` when given."""
+    reader = sole_reader(node, index, protected)
+    return reader if reader is not None and (op is None or reader.op == op) else None
 
 
 def _is_scalar_const(spec: Optional[str], index: g.GraphIndex) -> bool:

@@ -45,6 +45,25 @@ def tensor_name(node: str, port: int = 0) -> str:
     return node if port == 0 else f"{node}:{port}"
 
 
+def tf_tensor_name(spec: str) -> str:
+    """The ``node:port`` name TensorFlow's graph and session APIs want (``x`` -> ``x:0``)."""
+    name, port, _ = parse_input(spec)
+    return f"{name}:{port}"
+
+
+def has_cpu_kernel(op: str, type_attrs: Mapping[str, int]) -> bool:
+    """Whether this TensorFlow registers an unlabelled CPU kernel for ``op`` taking these type attrs."""
+    from tensorflow.python.framework import kernels
+
+    for kernel in kernels.get_registered_kernels_for_op(op).kernel:
+        if kernel.device_type != "CPU" or kernel.label:
+            continue
+        allowed = {c.name: set(c.allowed_values.list.type) for c in kernel.constraint}
+        if all(key not in allowed or dtype in allowed[key] for key, dtype in type_attrs.items()):
+            return True
+    return False
+
+
 def canonical_tensor(spec: str) -> str:
     """Normalise ``x:0`` to ``x`` so tensor names compare equal however they were written."""
     name, port, control = parse_input(spec)

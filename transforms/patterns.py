@@ -139,6 +139,12 @@ def data_readers(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: fro
     return [reader for reader, _ in index.consumers(node.name)]
 
 
+def sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
+    """The one node reading ``node`` (data edge on port 0, no control edges, not a graph output), or None."""
+    readers = data_readers(node, index, protected)
+    return readers[0] if readers is not None and len(readers) == 1 else None
+
+
 def _is_cast(node: node_def_pb2.NodeDef, src: int, dst: int) -> bool:
     return node.op == "Cast" and node.attr["SrcT"].type == src and node.attr["DstT"].type == dst
 

@@ -36,7 +36,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import BIAS_OPS, data_readers, is_const
+from tf_bf16.transforms.patterns import BIAS_OPS, is_const, sole_reader
 from tf_bf16.transforms.plan import INT8, PrecisionPlan, QuantizationSpec
 
 QUINT8, QINT8 = types_pb2.DT_QUINT8, types_pb2.DT_QINT8
@@ -182,13 +182,13 @@ def _grow(pattern: _Pattern, index: g.GraphIndex, protected: frozenset, plan: Pr
     none of them ``claimed`` by an earlier pattern."""
     node = pattern.contraction
     pattern.pad = _zero_pad(node, index, protected, plan, claimed)
-    nxt = _sole_reader(node, index, protected)
+    nxt = sole_reader(node, index, protected)
     if nxt is not None and nxt.op in BIAS_OPS and is_const(nxt.input[1], index) and _int8_allowed(nxt, plan):
         pattern.bias, node = nxt, nxt
-        nxt = _sole_reader(node, index, protected)
+        nxt = sole_reader(node, index, protected)
     if pattern.contraction.op == "Conv2D" and nxt is not None and nxt.op in ADD_OPS and len(nxt.input) == 2 \
             and _int8_allowed(nxt, plan) and nxt.name not in claimed:
-        relu = _sole_reader(nxt, index, protected)
+        relu = sole_reader(nxt, index, protected)
         if relu is not None and relu.op == "Relu" and _int8_allowed(relu, plan):   # the fused sum needs the ReLU
             other = [s for s in nxt.input if g.node_name(s) != node.name]
             if len(other) == 1 and not other[0].startswith("^"):
@@ -206,7 +206,7 @@ def _zero_pad(conv: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozen
         return None
     pad = index.nodes.get(g.node_name(conv.input[0]))
     if pad is None or pad.op != "Pad" or pad.name in claimed or not _int8_allowed(pad, plan) or \
-            not is_const(pad.input[1], index) or _sole_reader(pad, index, protected) is not conv:
+            not is_const(pad.input[1], index) or sole_reader(pad, index, protected) is not conv:
         return None
     paddings = np.asarray(g.const_value(index.nodes[g.node_name(pad.input[1])]))
     if paddings.shape != (4, 2) or paddings[0].any() or paddings[3].any():
@@ -227,11 +227,6 @@ def _non_negative(tensor: str, index: g.GraphIndex, depth: int = 0) -> bool:
         values = [s for s in producer.input if not s.startswith("^")][:-1]
         return bool(values) and all(_non_negative(g.canonical_tensor(v), index, depth + 1) for v in values)
     return False
-
-
-def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
-    readers = data_readers(node, index, protected)
-    return readers[0] if readers is not None and len(readers) == 1 else None
 
 
 # ------------------------------------------------------------------------------ building
@@ -292,7 +287,7 @@ class _Builder:
         op_type = _quantized_op(op, relu, summand)
         attrs = _type_attrs(op, source.dtype, types_pb2.DT_FLOAT if float_out else out_type,
                             summand.dtype if summand is not None else None)
-        if not _has_kernel(op_type, attrs):
+        if not g.has_cpu_kernel(op_type, attrs):
             return
         name = pattern.output.name if float_out else self._name(f"{pattern.output.name}/int8")
         weights, w_min, w_max = self._weights(pattern)
@@ -322,7 +317,7 @@ class _Builder:
     def _signed_matmul(self, pattern: _Pattern) -> None:
         """A MatMul of a signed activation: INT8 x INT8 with the bias and the dequantization fused
         (``_QuantizedMatMul``, FP32 output under the pattern's name); a ReLU after it stays float."""
-        if not _has_kernel(SIGNED_MATMUL, SIGNED_MATMUL_ATTRS):
+        if not g.has_cpu_kernel(SIGNED_MATMUL, SIGNED_MATMUL_ATTRS):
             return
         source = self._input(pattern.input, needs_unsigned=False)
         if source is None or source.dtype != QINT8:
@@ -335,7 +330,7 @@ class _Builder:
         projections) as rows x weight: Reshape to [-1, K] (shared by every projection of the same
         input, with its QuantizeV2), ``_QuantizedMatMul``, Reshape back to [..., N] under the
         pattern's name."""
-        if not _has_kernel(SIGNED_MATMUL, SIGNED_MATMUL_ATTRS):
+        if not g.has_cpu_kernel(SIGNED_MATMUL, SIGNED_MATMUL_ATTRS):
             return
         pattern = dataclasses.replace(pattern, relu=None)
         value_range = self._range(pattern.input)
@@ -410,7 +405,7 @@ class _Builder:
         """A Reshape of an INT8 tensor (e.g. Flatten before a Dense) reshapes the INT8 values."""
         source = self.quantized.get(g.canonical_tensor(node.input[0]))
         attrs = {"T": source.dtype} if source is not None else {}
-        if source is None or not _has_kernel("QuantizedReshape", attrs):
+        if source is None or not g.has_cpu_kernel("QuantizedReshape", attrs):
             return
         name = self._name(f"{node.name}/int8")
         reshaped = g.make_node("QuantizedReshape", name, [source.values, node.input[1], source.min, source.max],
@@ -570,19 +565,6 @@ def _type_attrs(op: str, input_dtype: int, output_dtype: int, summand_dtype: Opt
     if summand_dtype is not None:
         attrs["Tsummand"] = summand_dtype
     return attrs
-
-
-def _has_kernel(op: str, attrs: Dict[str, int]) -> bool:
-    """Whether this TensorFlow registers an unlabelled CPU kernel for ``op`` with these type attrs."""
-    from tensorflow.python.framework import kernels
-
-    for kernel in kernels.get_registered_kernels_for_op(op).kernel:
-        if kernel.device_type != "CPU" or kernel.label:
-            continue
-        allowed = {c.name: set(c.allowed_values.list.type) for c in kernel.constraint}
-        if all(key not in allowed or dtype in allowed[key] for key, dtype in attrs.items()):
-            return True
-    return False
 
 
 def _copy_attrs(contraction: node_def_pb2.NodeDef, node: node_def_pb2.NodeDef) -> None:

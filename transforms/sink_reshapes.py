@@ -17,8 +17,8 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, data_readers, is_const,
-                                         keeps_last_dim)
+from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, is_const, keeps_last_dim,
+                                         sole_reader)
 # Single-op activations TensorFlow's remapper fuses into a MatMul.
 ACTIVATIONS = frozenset({"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"})
 
@@ -66,15 +66,15 @@ def sink_reshapes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> g
 def _chain(matmul: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset,
            shapes: StaticShapes) -> Optional[tuple]:
     """(Reshape, BiasAdd, last node) of a MatMul whose epilogue can move ahead of its Reshape."""
-    reshape = _sole_reader(matmul, index, protected)
+    reshape = sole_reader(matmul, index, protected)
     if reshape is None or not keeps_last_dim(reshape, matmul, index, shapes):
         return None
-    bias = _sole_reader(reshape, index, protected)
+    bias = sole_reader(reshape, index, protected)
     if bias is None or bias.op not in BIAS_OPS or bias.attr["data_format"].s not in (b"", b"NHWC") \
             or not is_const(bias.input[1], index) or g.node_name(bias.input[0]) != reshape.name:
         return None
     last = bias
-    reader = _sole_reader(bias, index, protected)
+    reader = sole_reader(bias, index, protected)
     if reader is not None and reader.op in ACTIVATIONS:
         last = reader
     else:
@@ -84,9 +84,3 @@ def _chain(matmul: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozens
     if last.name in protected or index.control_consumers(last.name):
         return None
     return reshape, bias, last
-
-
-def _sole_reader(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset) -> Optional[node_def_pb2.NodeDef]:
-    """The one node reading ``node`` (data edge on port 0, no control edges, not a graph output)."""
-    readers = data_readers(node, index, protected)
-    return readers[0] if readers is not None and len(readers) == 1 else None
