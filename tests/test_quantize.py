@@ -253,4 +253,3 @@ def test_weights_use_the_levels_the_cpu_computes_exactly(digits):
             next(c for c in cleaned.node if c.op == "Conv2D").input[1]))))
         top = np.asarray(g.const_value(nodes[conv.input[6]]))
         np.testing.assert_allclose(weights * top / 127.0, original, atol=float(np.max(top)) / 127.0)
-    assert CPU.int8_weight_max == (127 if CPU.int8_dot_native else 63)
