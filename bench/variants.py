@@ -13,7 +13,9 @@
   ``INT8_CALIBRATION_BATCHES`` random batches of ``INT8_CALIBRATION_BATCH`` samples, then BF16,
   then cast folding): what ``Quantization()`` does without tuning data. Its convert seconds
   include calibration. Needs oneDNN on (the bench turns it on).
-* ``tf_bf16_kernels``: the same with ``kernels=True`` (tf_bf16's fused oneDNN ops), only where
+* ``tf_bf16_int8_kernels``: ``tf_bf16_int8`` with ``kernels=True``: the quantized ops become
+  tf_bf16's INT8 kernel ops (QuantizeV2/Dequantize folded in), only where the library is built.
+* ``tf_bf16_kernels``: ``tf_bf16`` with ``kernels=True`` (tf_bf16's fused oneDNN ops), only where
   the kernel library is built (``python -m tf_bf16.kernels.build``).
 * ``inc``: Intel Neural Compressor 3.x (``neural-compressor-tf``) BF16 rewrite, only where it
   is installed: its pre-optimization, then its ``BF16Convert`` on every node of the op types its
@@ -34,8 +36,8 @@ import os
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "tf_bf16_int8", "tf_bf16_kernels", "inc",
-            "inc_int8", "openvino_f32", "openvino_bf16")
+VARIANTS = ("fp32", "fp32_cleaned", "tf_amp", "tf_amp_runtime", "tf_bf16", "tf_bf16_int8", "tf_bf16_int8_kernels",
+            "tf_bf16_kernels", "inc", "inc_int8", "openvino_f32", "openvino_bf16")
 INT8_CALIBRATION_BATCHES, INT8_CALIBRATION_BATCH = 2, 4
 
 
@@ -118,8 +120,8 @@ def _calibration_feeds(model: Any) -> Any:
             for i in range(INT8_CALIBRATION_BATCHES)]
 
 
-def tf_bf16_int8(model: Any) -> Variant:
-    """Clean-up, minmax calibration on random inputs, then INT8 + BF16 + cast folding."""
+def tf_bf16_int8(model: Any, kernels: bool = False) -> Variant:
+    """Clean-up, minmax calibration on random inputs, then INT8 + BF16 + cast folding (+ the kernel rewrite)."""
     from tf_bf16 import calibration, pipeline
     from tf_bf16.capability import detect_cpu_features
     from tf_bf16.plan_builder import build_plan
@@ -135,15 +137,15 @@ def tf_bf16_int8(model: Any) -> Variant:
                                    INT8_CALIBRATION_BATCHES * INT8_CALIBRATION_BATCH)
     t_calib = time.perf_counter()
     spec = QuantizationSpec(ranges, weight_max=detect_cpu_features().int8_weight_max)
-    result = pipeline.convert_cleaned(cleaned, dataclasses.replace(plan, quantization=spec))
+    result = pipeline.convert_cleaned(cleaned, dataclasses.replace(plan, quantization=spec), kernels=kernels)
     seconds = time.perf_counter() - start
     ops = [n.op for n in result.graph_def.node]
     extra = {"convert_stages": {"clean_up": round(t_clean - start, 3), "calibration": round(t_calib - t_clean, 3),
                                 "convert": round(seconds - (t_calib - start), 3)},
              "int8_nodes": len(result.int8_nodes), "quantize_v2": ops.count("QuantizeV2"),
-             "dequantize": ops.count("Dequantize")}
-    return Variant("tf_bf16_int8", model.with_graph_def(result.graph_def), _summary(model.graph_def, result.graph_def),
-                   seconds, extra=extra)
+             "dequantize": ops.count("Dequantize"), **({"kernel_nodes": result.kernel_nodes} if kernels else {})}
+    return Variant("tf_bf16_int8_kernels" if kernels else "tf_bf16_int8", model.with_graph_def(result.graph_def),
+                   _summary(model.graph_def, result.graph_def), seconds, extra=extra)
 
 
 def kernels_available() -> Tuple[bool, str]:
@@ -281,11 +283,13 @@ def inc_int8(model: Any) -> Variant:
 
 BUILDERS: Mapping[str, Callable[[Any], Variant]] = {
     "fp32": fp32, "fp32_cleaned": fp32_cleaned, "tf_amp": tf_amp, "tf_amp_runtime": tf_amp_runtime, "tf_bf16": tf_bf16,
-    "tf_bf16_int8": tf_bf16_int8, "tf_bf16_kernels": lambda model: tf_bf16(model, kernels=True), "inc": inc, "inc_int8": inc_int8,
+    "tf_bf16_int8": tf_bf16_int8, "tf_bf16_int8_kernels": lambda model: tf_bf16_int8(model, kernels=True),
+    "tf_bf16_kernels": lambda model: tf_bf16(model, kernels=True), "inc": inc, "inc_int8": inc_int8,
     "openvino_f32": lambda model: openvino(model, "f32"), "openvino_bf16": lambda model: openvino(model, "bf16")}
 # Variants that need an optional package: name -> check returning (available, version or reason).
 OPTIONAL: Mapping[str, Callable[[], Tuple[bool, str]]] = {
     "inc": inc_available, "inc_int8": inc_available, "tf_bf16_kernels": kernels_available,
+    "tf_bf16_int8_kernels": kernels_available,
     "openvino_f32": openvino_available, "openvino_bf16": openvino_available}
 
 

@@ -159,14 +159,15 @@ PrimitivePlan BuildWithFallback(memory::data_type type, Build build) {
 // shapes (varying sequence length) would otherwise grow it forever; clearing everything
 // when full is crude but only costs re-creating primitives, which oneDNN's own primitive
 // cache makes cheap.
+template <typename Plan = PrimitivePlan>
 class PlanCache {
  public:
   template <typename Make>
-  std::shared_ptr<const PrimitivePlan> GetOrCreate(const std::vector<int64_t>& key, Make make) {
+  std::shared_ptr<const Plan> GetOrCreate(const std::vector<int64_t>& key, Make make) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
-    auto plan = std::make_shared<const PrimitivePlan>(make());
+    auto plan = std::make_shared<const Plan>(make());
     if (plans_.size() >= kMaxPlans) plans_.clear();
     plans_.emplace(key, plan);
     return plan;
@@ -175,7 +176,7 @@ class PlanCache {
  private:
   static constexpr size_t kMaxPlans = 64;
   std::mutex mu_;
-  std::map<std::vector<int64_t>, std::shared_ptr<const PrimitivePlan>> plans_;
+  std::map<std::vector<int64_t>, std::shared_ptr<const Plan>> plans_;
 };
 
 // A cheap identity check of a weights tensor: 64 words sampled across the buffer, mixed

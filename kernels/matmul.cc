@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "common.h"
+#include "matmul_geometry.h"
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace tf_bf16 {
@@ -11,40 +12,6 @@ namespace {
 
 using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
-
-// Sizes of one call. All batch dims of a collapse into `batch`: oneDNN needs one batch dim
-// and TensorFlow buffers are dense, so this is just a view.
-struct MatMulGeometry {
-  std::vector<int64_t> output_dims;
-  int64_t batch = 1, m = 0, k = 0, n = 0;
-  bool batched = false;   // a has rank >= 3
-  bool shared_b = false;  // batched a times a rank-2 b
-  // A shared b with an untransposed a is one 2-D product over batch * m rows, which oneDNN
-  // runs better than a batch of small ones (Keras Dense on 3-D inputs, BERT).
-  bool fold_batch = false;
-};
-
-std::vector<int64_t> Dims(const TensorShape& shape) {
-  std::vector<int64_t> dims(shape.dims());
-  for (int i = 0; i < shape.dims(); ++i) dims[i] = shape.dim_size(i);
-  return dims;
-}
-
-absl::Status ComputeGeometry(const Tensor& a, const Tensor& b, bool transpose_a,
-                             bool transpose_b, MatMulGeometry* g) {
-  const std::vector<int64_t> a_dims = Dims(a.shape());
-  const std::vector<int64_t> b_dims = Dims(b.shape());
-  TF_RETURN_IF_ERROR(MatMulOutputShape(a_dims, b_dims, transpose_a, transpose_b, &g->output_dims));
-  const size_t rank = a_dims.size();
-  g->batched = rank > 2;
-  for (size_t i = 0; i + 2 < rank; ++i) g->batch *= a_dims[i];
-  g->m = g->output_dims[rank - 2];
-  g->n = g->output_dims[rank - 1];
-  g->k = transpose_a ? a_dims[rank - 2] : a_dims[rank - 1];
-  g->shared_b = g->batched && b_dims.size() == 2;
-  g->fold_batch = g->shared_b && !transpose_a;
-  return absl::OkStatus();
-}
 
 template <typename T>
 class MatMulOp : public OpKernel {
@@ -64,7 +31,7 @@ class MatMulOp : public OpKernel {
     const Tensor& a = ctx->input(0);
     const Tensor& b = ctx->input(1);
     MatMulGeometry g;
-    OP_REQUIRES_OK(ctx, ComputeGeometry(a, b, transpose_a_, transpose_b_, &g));
+    OP_REQUIRES_OK(ctx, ComputeMatMulGeometry(a, b, transpose_a_, transpose_b_, &g));
     TensorShape output_shape;
     OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape(g.output_dims, &output_shape));
 
@@ -126,7 +93,7 @@ class MatMulOp : public OpKernel {
   bool transpose_a_ = false, transpose_b_ = false;
   FusedOps fused_;
   bool weights_constant_ = false;
-  PlanCache plans_;
+  PlanCache<> plans_;
   WeightCache weights_;
 };
 

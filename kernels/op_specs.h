@@ -9,6 +9,7 @@
 #define TF_BF16_KERNELS_OP_SPECS_H_
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -22,6 +23,8 @@ namespace tf_bf16 {
 
 constexpr char kConvOpName[] = "TfBf16Conv2D";
 constexpr char kMatMulOpName[] = "TfBf16MatMul";
+constexpr char kQuantizedConvOpName[] = "TfBf16QuantizedConv2D";
+constexpr char kQuantizedMatMulOpName[] = "TfBf16QuantizedMatMul";
 constexpr int64_t kUnknown = -1;
 
 template <typename... Args>
@@ -97,6 +100,30 @@ inline absl::Status ParseFusedOps(const char* op, const std::vector<std::string>
                    "] consumes ", fused.NumArgs(), " extra input(s)");
   }
   *out = fused;
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------
+// INT8 ranges
+
+// The step of a quantized tensor with float range [min, max], as TensorFlow's SCALED mode
+// reads it: UINT8 covers [0, max] in 255 steps, INT8 covers [-m, m] (m = max(|min|, |max|))
+// in 127 steps a side. Checks that the range is two finite values, non-negative for UINT8,
+// and not all zero.
+inline absl::Status RangeScale(const char* op, const char* attr, const std::vector<float>& range,
+                               bool is_unsigned, float* scale) {
+  if (range.size() != 2 || !std::isfinite(range[0]) || !std::isfinite(range[1]) ||
+      range[0] > range[1]) {
+    return OpError(op, attr, " must be [min, max] with finite min <= max, got [",
+                   absl::StrJoin(range, ", "), "]");
+  }
+  if (is_unsigned && range[0] < 0) {
+    return OpError(op, attr, " [", absl::StrJoin(range, ", "),
+                   "] is negative but the tensor is unsigned (UINT8 covers [0, max])");
+  }
+  const float top = std::max(std::fabs(range[0]), std::fabs(range[1]));
+  if (!(top > 0)) return OpError(op, attr, " must not be [0, 0]");
+  *scale = top / (is_unsigned ? 255.f : 127.f);
   return absl::OkStatus();
 }
 

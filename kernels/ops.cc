@@ -1,4 +1,5 @@
-// Op registrations and shape functions of TfBf16Conv2D and TfBf16MatMul.
+// Op registrations and shape functions of TfBf16Conv2D and TfBf16MatMul and their INT8
+// variants TfBf16QuantizedConv2D and TfBf16QuantizedMatMul.
 //
 // The interface is fixed: tf_bf16's graph rewrite emits these ops with exactly these inputs
 // and attributes. The attribute and shape rules live in op_specs.h, shared with the kernels.
@@ -17,11 +18,19 @@ using tensorflow::shape_inference::DimensionHandle;
 using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
-absl::Status ReadFusedOps(InferenceContext* c, const char* op, FusedOps* fused) {
+// The fused_ops of a float op (its extra inputs counted by num_args) or of an INT8 op (typed
+// one by one in Targs).
+absl::Status ReadFusedOps(InferenceContext* c, const char* op, bool quantized, FusedOps* fused) {
   std::vector<std::string> names;
   int num_args;
   TF_RETURN_IF_ERROR(c->GetAttr("fused_ops", &names));
-  TF_RETURN_IF_ERROR(c->GetAttr("num_args", &num_args));
+  if (quantized) {
+    std::vector<tensorflow::DataType> types;
+    TF_RETURN_IF_ERROR(c->GetAttr("Targs", &types));
+    num_args = static_cast<int>(types.size());
+  } else {
+    TF_RETURN_IF_ERROR(c->GetAttr("num_args", &num_args));
+  }
   return ParseFusedOps(op, names, num_args, fused);
 }
 
@@ -45,11 +54,11 @@ absl::Status ApplyFusedArgs(InferenceContext* c, const char* op, const FusedOps&
   return absl::OkStatus();
 }
 
-absl::Status Conv2DShape(InferenceContext* c) {
+absl::Status Conv2DShape(InferenceContext* c, const char* op, bool quantized) {
   FusedOps fused;
   ConvAttrs attrs;
   ShapeHandle input, filter;
-  TF_RETURN_IF_ERROR(ReadFusedOps(c, kConvOpName, &fused));
+  TF_RETURN_IF_ERROR(ReadFusedOps(c, op, quantized, &fused));
   TF_RETURN_IF_ERROR(ReadConvAttrs(c, &attrs));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &filter));
@@ -68,7 +77,7 @@ absl::Status Conv2DShape(InferenceContext* c) {
   DimensionHandle channels = c->Dim(filter, 3);
   ShapeHandle output = c->MakeShape({c->Dim(input, 0), c->MakeDim(h.out), c->MakeDim(w.out),
                                      channels});
-  TF_RETURN_IF_ERROR(ApplyFusedArgs(c, kConvOpName, fused, channels, &output));
+  TF_RETURN_IF_ERROR(ApplyFusedArgs(c, op, fused, channels, &output));
   c->set_output(0, output);
   return absl::OkStatus();
 }
@@ -80,10 +89,10 @@ std::vector<int64_t> DimValues(InferenceContext* c, ShapeHandle shape) {
   return dims;
 }
 
-absl::Status MatMulShape(InferenceContext* c) {
+absl::Status MatMulShape(InferenceContext* c, const char* op, bool quantized) {
   FusedOps fused;
   bool transpose_a, transpose_b;
-  TF_RETURN_IF_ERROR(ReadFusedOps(c, kMatMulOpName, &fused));
+  TF_RETURN_IF_ERROR(ReadFusedOps(c, op, quantized, &fused));
   TF_RETURN_IF_ERROR(c->GetAttr("transpose_a", &transpose_a));
   TF_RETURN_IF_ERROR(c->GetAttr("transpose_b", &transpose_b));
 
@@ -99,7 +108,7 @@ absl::Status MatMulShape(InferenceContext* c) {
   std::vector<DimensionHandle> handles;
   for (int64_t d : dims) handles.push_back(c->MakeDim(d));
   ShapeHandle output = c->MakeShape(handles);
-  TF_RETURN_IF_ERROR(ApplyFusedArgs(c, kMatMulOpName, fused, handles.back(), &output));
+  TF_RETURN_IF_ERROR(ApplyFusedArgs(c, op, fused, handles.back(), &output));
   c->set_output(0, output);
   return absl::OkStatus();
 }
@@ -120,7 +129,7 @@ REGISTER_OP("TfBf16Conv2D")
     .Attr("groups: int = 1")
     .Attr("fused_ops: list(string) = []")
     .Attr("weights_constant: bool = false")
-    .SetShapeFn(Conv2DShape)
+    .SetShapeFn([](InferenceContext* c) { return Conv2DShape(c, kConvOpName, false); })
     .Doc(R"doc(
 NHWC Conv2D with fused epilogue (oneDNN). filter is HWIO [kh, kw, in_channels / groups,
 out_channels]; depthwise is groups == in_channels. fused_ops is [BiasAdd]? [Add]?
@@ -139,10 +148,65 @@ REGISTER_OP("TfBf16MatMul")
     .Attr("transpose_b: bool = false")
     .Attr("fused_ops: list(string) = []")
     .Attr("weights_constant: bool = false")
-    .SetShapeFn(MatMulShape)
+    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, kMatMulOpName, false); })
     .Doc(R"doc(
 MatMul with fused epilogue (oneDNN): rank 2, batched with equal batch dims, or a batched a
 times a rank-2 b. fused_ops as for TfBf16Conv2D (bias is one value per column).
+)doc");
+
+// The INT8 variants. Ranges follow TensorFlow's SCALED mode (see RangeScale in op_specs.h);
+// weights are symmetric INT8 with one scale per output channel or one for all.
+REGISTER_OP("TfBf16QuantizedConv2D")
+    .Input("input: Tinput")
+    .Input("filter: qint8")
+    .Input("args: Targs")
+    .Output("output: Tout")
+    .Attr("Tinput: {float, bfloat16, quint8, qint8}")
+    .Attr("Targs: list({float, bfloat16, quint8, qint8}) >= 0")
+    .Attr("Tout: {float, bfloat16, quint8, qint8}")
+    .Attr("input_range: list(float)")
+    .Attr("filter_scales: list(float)")
+    .Attr("output_range: list(float) = []")
+    .Attr("summand_range: list(float) = []")
+    .Attr("strides: list(int)")
+    .Attr("padding: {'SAME', 'VALID', 'EXPLICIT'}")
+    .Attr("explicit_paddings: list(int) = []")
+    .Attr("dilations: list(int) = [1, 1, 1, 1]")
+    .Attr("groups: int = 1")
+    .Attr("fused_ops: list(string) = []")
+    .Attr("weights_constant: bool = false")
+    .SetShapeFn([](InferenceContext* c) { return Conv2DShape(c, kQuantizedConvOpName, true); })
+    .Doc(R"doc(
+INT8 NHWC Conv2D with fused epilogue (oneDNN, static scales). input is float/bfloat16
+(quantized here: UINT8 when input_range is non-negative, else INT8) or already quint8/qint8
+with float range input_range. filter is qint8 HWIO whose value times filter_scales[channel]
+(or the one scale) is the real weight. fused_ops as for TfBf16Conv2D: a float bias, then a
+residual (float, bfloat16, or quint8/qint8 with summand_range), then an activation, all in
+FP32. A quint8/qint8 output is requantized to output_range; a float/bfloat16 output is
+clipped to output_range when one is given (what the INT8 op it replaces saturated at).
+)doc");
+
+REGISTER_OP("TfBf16QuantizedMatMul")
+    .Input("a: Tinput")
+    .Input("b: qint8")
+    .Input("args: Targs")
+    .Output("product: Tout")
+    .Attr("Tinput: {float, bfloat16, quint8, qint8}")
+    .Attr("Targs: list({float, bfloat16, quint8, qint8}) >= 0")
+    .Attr("Tout: {float, bfloat16, quint8, qint8}")
+    .Attr("input_range: list(float)")
+    .Attr("filter_scales: list(float)")
+    .Attr("output_range: list(float) = []")
+    .Attr("summand_range: list(float) = []")
+    .Attr("transpose_a: bool = false")
+    .Attr("transpose_b: bool = false")
+    .Attr("fused_ops: list(string) = []")
+    .Attr("weights_constant: bool = false")
+    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, kQuantizedMatMulOpName, true); })
+    .Doc(R"doc(
+INT8 MatMul with fused epilogue (oneDNN, static scales): a of rank >= 2 times a rank-2
+qint8 b with one scale per column (filter_scales) or one for all. Types, ranges and
+fused_ops as for TfBf16QuantizedConv2D.
 )doc");
 
 }  // namespace tf_bf16

@@ -25,6 +25,26 @@ from tests import zoo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def kernel_ops() -> Any:
+    """tf_bf16's kernel library, loaded (built first when missing or outdated); the test is
+    skipped with the build's reason where it cannot be built (no g++, no oneDNN >= 3)."""
+    import tensorflow as tf
+    from tf_bf16.kernels import build as kernel_build
+
+    result = kernel_build.build_if_needed()
+    if not result.ok:
+        pytest.skip(f"tf_bf16 kernels cannot be built here: {result.reason}")
+    try:
+        return tf.load_op_library(result.path)
+    except tf.errors.NotFoundError:
+        # Newer than its sources but built against another TensorFlow or oneDNN: rebuild.
+        result = kernel_build.build()
+        if not result.ok:
+            pytest.skip(f"tf_bf16 kernels cannot be built here: {result.reason}")
+        return tf.load_op_library(result.path)
+
+
+@pytest.fixture(scope="session")
 def zoo_keras() -> Callable[[str], Any]:
     """Factory: ``zoo_keras("resnet50") -> keras.Model``, built once per session and name."""
     cache: Dict[str, Any] = {}

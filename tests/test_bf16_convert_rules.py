@@ -154,6 +154,24 @@ def test_forced_fp32_node_stops_propagation():
     assert conv.decisions[add].reason == "forced FP32 by config"
 
 
+def test_allowed_sets_without_bf16_keep_a_node_fp32_and_with_bf16_leave_it_free():
+    """{int8, fp32} on a node the INT8 stage did not replace keeps it FP32; {bf16, fp32} is no limit here, and
+    beats its op type's forced FP32 as any node entry does."""
+    model = _frozen(lambda x: tf.matmul(tf.nn.relu(tf.matmul(x, W)), W), SPEC)
+    first, second = (n.name for n in _ops(model.graph_def, "MatMul"))
+    out, conv = _convert(model, node_allowed={first: {"int8", "fp32"}, second: {"bf16", "fp32"}},
+                         op_type_precisions={"MatMul": "fp32"})
+    p = _prec(out)
+    assert p[first] == "fp32" and "only int8 or fp32" in conv.decisions[first].reason
+    assert p[second] == "bf16"
+    # A name the INT8 stage replaced is its product now (a Dequantize there): the set no longer applies.
+    context = TransformContext(build_plan(model.graph_def, model.input_names, model.output_names,
+                                          node_allowed={first: {"int8", "fp32"}}))
+    context.int8_nodes.add(first)
+    driver.run_transforms(model.graph_def, context, ("bf16_convert",))
+    assert context.decisions[first].precision == "bf16"
+
+
 def test_hardware_gate_and_target(tmp_path, monkeypatch):
     from tf_bf16 import capability
 

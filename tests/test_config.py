@@ -598,21 +598,58 @@ def test_quantization_and_mixed_precision_op_wise_must_agree():
 
 # ---------------------------------------------------------------- quantization section as Quantization reads it
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"activation": {"dtype": ["int8"]}}, "int8"),
-    ({"weight": {"dtype": "uint8"}}, "int8"),                                   # uint8 is INT8 too
-    ({"activation": {"dtype": ["bf16"]}}, "bf16"),
-    ({"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}, "fp32"),
-    ({"activation": {"dtype": ["int8", "bf16", "fp32"]}}, None),                 # the tuner chooses
-    ({"activation": {"dtype": ["uint8", "fp32"]}, "weight": {"dtype": ["int8", "bf16"]}}, "int8"),   # in common
-    ({"activation": {"dtype": ["bf16", "fp32"]}}, "fp32"),                       # not INT8: kept FP32
-    ({"activation": {"granularity": "per_tensor"}}, None),
-    ({}, None),
+@pytest.mark.parametrize("entry, expected, allowed", [
+    ({"activation": {"dtype": ["int8"]}}, "int8", None),
+    ({"weight": {"dtype": "uint8"}}, "int8", None),                                   # uint8 is INT8 too
+    ({"activation": {"dtype": ["bf16"]}}, "bf16", None),
+    ({"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}, "fp32", None),
+    ({"activation": {"dtype": ["int8", "bf16", "fp32"]}}, None, None),                 # the tuner chooses
+    ({"activation": {"dtype": ["int8", "bf16"]}}, None, None),       # fp32 is the last resort anyway: free
+    ({"activation": {"dtype": ["uint8", "fp32"]}, "weight": {"dtype": ["int8", "bf16"]}}, "int8", None),  # in common
+    ({"activation": {"dtype": ["bf16", "fp32"]}}, None, {"bf16", "fp32"}),            # not INT8, else free
+    ({"activation": {"dtype": ["int8", "fp32"]}}, None, {"int8", "fp32"}),            # never BF16
+    ({"activation": {"dtype": ["uint8", "bf16", "fp32"]}, "weight": {"dtype": ["int8", "fp32"]}}, None,
+     {"int8", "fp32"}),
+    ({"activation": {"granularity": "per_tensor"}}, None, None),
+    ({}, None, None),
 ])
-def test_quantization_dtype_resolution_with_the_int8_stage(entry: Dict[str, Any], expected: str):
+def test_quantization_dtype_resolution_with_the_int8_stage(entry: Dict[str, Any], expected: str, allowed):
+    """One precision forces a node; a list of several is the set it may take, fp32 added (the fallback);
+    the sets that limit nothing are left out, and a name is in one of the two mappings at most."""
     cfg = load_config({"quantization": {"op_wise": {"n": entry}, "optype_wise": {"MatMul": entry}}})
     assert cfg.node_precisions(int8=True).get("n") == expected
     assert cfg.op_type_precisions(int8=True).get("MatMul") == expected
+    assert cfg.node_allowed(int8=True).get("n") == (frozenset(allowed) if allowed else None)
+    assert cfg.op_type_allowed(int8=True).get("MatMul") == (frozenset(allowed) if allowed else None)
+
+
+def test_float_dtype_lists_limit_nothing_without_the_int8_stage():
+    """For MixedPrecision [bf16, fp32] is every precision it has; in mixed_precision it says nothing about INT8
+    either, since that section cannot name int8 (a config shared by both converters keeps the node in INT8)."""
+    both = {"activation": {"dtype": ["bf16", "fp32"]}}
+    cfg = load_config({"quantization": {"op_wise": {"q": both}}, "mixed_precision": {"op_wise": {"m": both}}})
+    assert cfg.node_allowed() == {} and cfg.node_precisions() == {}
+    assert cfg.node_allowed(int8=True) == {"q": frozenset({"bf16", "fp32"})} and cfg.node_precisions(int8=True) == {}
+
+
+@pytest.mark.parametrize("mixed, quant, forced, allowed", [
+    (["bf16"], ["bf16", "fp32"], "bf16", None),
+    (["fp32"], ["int8", "fp32"], "fp32", None),
+    (["bf16", "fp32"], ["int8", "fp32"], None, {"int8", "fp32"}),
+])
+def test_mixed_precision_and_quantization_entries_narrow_each_other(mixed, quant, forced, allowed):
+    cfg = load_config({"mixed_precision": {"op_type_wise": {"Conv2D": {"activation": {"dtype": mixed}}}},
+                       "quantization": {"op_type_wise": {"Conv2D": {"activation": {"dtype": quant}}}}})
+    assert cfg.op_type_precisions(int8=True).get("Conv2D") == forced
+    assert cfg.op_type_allowed(int8=True).get("Conv2D") == (frozenset(allowed) if allowed else None)
+
+
+def test_entries_that_allow_no_common_precision_name_both_keys():
+    cfg = load_config({"mixed_precision": {"op_wise": {"conv3": {"activation": {"dtype": ["bf16"]}}}},
+                       "quantization": {"op_wise": {"conv3": {"activation": {"dtype": ["int8", "fp32"]}}}}})
+    with pytest.raises(ConfigError, match=r"^config keys 'mixed_precision\.op_wise\.conv3' \(bf16\) and "
+                                          r"'quantization\.op_wise\.conv3' \(int8, fp32\) disagree"):
+        cfg.node_allowed(int8=True)
 
 
 @pytest.mark.parametrize("conf, expected", [

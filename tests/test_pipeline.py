@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from tests import zoo
+from tests.test_function_bodies import _graph_with_call
 from tf_bf16 import pipeline
 from tf_bf16.plan_builder import build_plan
 from tf_bf16.report import node_precision
 from tf_bf16.transforms import driver, graph as g
 from tf_bf16.transforms.context import TransformContext
+from tf_bf16.transforms.plan import PrecisionPlan
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,16 @@ def test_stages_are_registered_and_in_pipeline_order():
     assert pipeline.conversion(kernels=True, int8=True) == (pipeline.INT8 + pipeline.BF16 + pipeline.CAST_FOLDING
                                                             + pipeline.KERNELS + pipeline.FUNCTION_BODIES)
     assert pipeline.BODY_TRANSFORMS == pipeline.BF16 + pipeline.CAST_FOLDING
+
+
+def test_bf16_switch_drops_the_bf16_stage_and_nothing_else():
+    """INT8 + FP32 (bf16=False) runs every other stage: cast folding's rewrites are exact and not only for BF16."""
+    assert pipeline.conversion(bf16=False) == pipeline.CAST_FOLDING + pipeline.FUNCTION_BODIES
+    assert pipeline.conversion(kernels=True, int8=True, bf16=False) == (
+        pipeline.INT8 + pipeline.CAST_FOLDING + pipeline.KERNELS + pipeline.FUNCTION_BODIES)
+    assert pipeline.body_transforms() == pipeline.BODY_TRANSFORMS
+    assert pipeline.body_transforms(bf16=False) == pipeline.CAST_FOLDING
+    assert pipeline.new_context(PrecisionPlan(), bf16=False).body_transforms == pipeline.CAST_FOLDING
 
 
 def test_convert_graph_is_clean_up_then_convert_cleaned(three_conv):
@@ -73,3 +85,21 @@ def test_contexts_are_independent(three_conv):
     pipeline.run(graph_def, first, pipeline.BF16)
     assert first.decisions and not second.decisions
     assert isinstance(first, TransformContext) and first.body_transforms == pipeline.BODY_TRANSFORMS
+
+
+def test_convert_without_bf16_keeps_the_graph_and_function_bodies_fp32(three_conv):
+    graph_def, plan = three_conv
+    result = pipeline.convert_graph(graph_def, plan, bf16=False)
+    sigs = g.OpSignatures(result.graph_def)
+    assert result.bf16_nodes == frozenset() and result.consts_converted == 0
+    assert {node_precision(n, sigs) for n in result.graph_def.node} <= {"fp32", None}
+    assert not any(n.op == "Cast" for n in result.graph_def.node)
+    x = np.abs(np.random.default_rng(0).standard_normal((1, 8, 8, 3))).astype(np.float32)
+    np.testing.assert_allclose(zoo.run_graph(result.graph_def, "final:0", {"input:0": x}),
+                               zoo.run_graph(graph_def, "final:0", {"input:0": x}), rtol=1e-5)
+    # A library function's body is left FP32 too (it gets cast folding only).
+    with_call = _graph_with_call()
+    call_plan = PrecisionPlan(inputs=("x",), outputs=("Identity",))
+    (name, painted), = pipeline.convert_cleaned(with_call, call_plan).functions.items()
+    (_, kept), = pipeline.convert_cleaned(with_call, call_plan, bf16=False).functions.items()
+    assert painted.bf16_nodes >= 1 and kept.converted and kept.bf16_nodes == 0 and kept.casts == 0

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tf_bf16.transforms.graph import GraphIndex  # noqa: E402
-from tf_bf16.transforms.plan import BF16, FP32, PrecisionPlan  # noqa: E402
+from tf_bf16.transforms.plan import BF16, FP32, INT8, PrecisionPlan  # noqa: E402
 
 
 def test_fields_are_frozen_and_copied():
@@ -82,6 +82,38 @@ def test_forced_node_entry_beats_op_type():
     assert plan.forced("head", "MatMul") == FP32
     assert plan.forced("dense", "MatMul") == BF16
     assert plan.forced("relu", "Relu") is None
+
+
+def test_allowed_sets_keep_the_forced_api_and_rank_below_forced_entries():
+    """allowed(): a node's forced precision, else its allowed set, else its op type's (forced, then set), else
+    all; forced() ignores the sets, and a node set hides an op-type force, as a node entry does."""
+    plan = PrecisionPlan(node_precisions={"forced": BF16}, op_type_precisions={"MatMul": BF16, "Relu": FP32},
+                         node_allowed={"forced": [INT8, FP32], "no_int8": [BF16, FP32], "no_bf16": (INT8, FP32)},
+                         op_type_allowed={"Conv2D": {BF16, FP32}})
+    assert plan.allowed("forced", "Conv2D") == {BF16} and plan.forced("forced", "Conv2D") == BF16
+    assert plan.allowed("no_int8", "MatMul") == {BF16, FP32} and plan.forced("no_int8", "MatMul") is None
+    assert plan.allowed("no_bf16", "Relu") == {INT8, FP32} and plan.forced("no_bf16", "Relu") is None
+    assert plan.allowed("dense", "MatMul") == {BF16} and plan.forced("dense", "MatMul") == BF16
+    assert plan.allowed("conv", "Conv2D") == {BF16, FP32} and plan.forced("conv", "Conv2D") is None
+    assert plan.allowed("relu", "Softmax") == {INT8, BF16, FP32}
+    tuned = plan.with_fp32(["no_bf16"])            # the tuner's force beats the user's set
+    assert tuned.allowed("no_bf16", "Relu") == {FP32} and dict(tuned.node_allowed) == dict(plan.node_allowed)
+    with pytest.raises(TypeError):
+        plan.node_allowed["x"] = frozenset({BF16, FP32})  # type: ignore[index]
+    assert isinstance(plan.node_allowed["no_int8"], frozenset)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("node_allowed", {"conv": {BF16}}),                 # one precision is a force: node_precisions
+    ("node_allowed", {"conv": {INT8, BF16}}),           # fp32, the fallback, must be in the set
+    ("op_type_allowed", {"Conv2D": {"fp16", FP32}}),
+    ("op_type_allowed", {"Conv2D": set()}),
+])
+def test_bad_allowed_set_refused(field, value):
+    """An allowed set holds fp32 and one or two of int8, bf16; the error names the field and the entry."""
+    with pytest.raises(ValueError, match=field) as info:
+        PrecisionPlan(**{field: value})
+    assert "conv" in str(info.value).lower()
 
 
 def test_with_fp32_returns_a_new_plan():

@@ -164,6 +164,45 @@ def test_op_wise_fp32_keeps_a_conv_out_of_int8(fp32, calib_loader):
     assert out.report["int8"]["by_input_op_type"]["Conv2D"]["int8"] == 1
 
 
+def test_op_wise_bf16_fp32_keeps_a_conv_out_of_int8_and_lets_it_run_bf16(digits, fp32, calib_loader):
+    """[bf16, fp32] means "not INT8", not "FP32": the BF16 stage takes the conv as it would any free one
+    (this machine's plan; tests/conftest.py sets FORCE_BF16 where the CPU lacks avx512_bf16)."""
+    conv2 = _conv_names(fp32)[1]
+    conf = {"quantization": {"op_wise": {conv2: {"activation": {"dtype": ["bf16", "fp32"]}}}}}
+    converter = Quantization(conf)
+    assert converter.node_allowed == {conv2: frozenset({"bf16", "fp32"})} and converter.node_precisions == {}
+    assert converter.plan_for(fp32).allowed(conv2, "Conv2D") == {"bf16", "fp32"}
+    out = _quantize(fp32, calib_loader, conf)
+    conv = next(n for n in out.graph_def.node if n.name == conv2)
+    assert conv.op == "Conv2D" and conv.attr["T"].type == BF16
+    row = out.report["int8"]["by_input_op_type"]["Conv2D"]
+    assert (row["int8"], row["bf16"], row["fp32"]) == (1, 1, 0)
+    assert abs(_accuracy(out, digits[1]) - _accuracy(fp32, digits[1])) <= 0.01
+
+
+def test_op_type_wise_int8_fp32_keeps_what_int8_skips_in_fp32_not_bf16(zoo_model, zoo_inputs):
+    """[int8, fp32] on BatchMatMulV2 in the BERT-like encoder: the projections (constant weights) still go
+    INT8, the attention products (two activations: a pattern the INT8 stage skips) stay FP32, where without
+    the entry they run BF16."""
+    model = zoo_model("bert")
+    calib = [(zoo_inputs("bert", batch=4, seed=seed), None) for seed in (11, 12)]
+    limit = {"quantization": {"op_type_wise": {"BatchMatMulV2": {"activation": {"dtype": ["int8", "fp32"]}}}}}
+    free, limited = _quantize(model, calib), _quantize(model, calib, limit)
+
+    def products(out: Model) -> Dict[str, int]:
+        return {n.name: n.attr["T"].type for n in out.graph_def.node if n.op == "BatchMatMulV2"}
+
+    assert products(free) and set(products(free).values()) == {BF16}
+    assert products(limited).keys() == products(free).keys() and set(products(limited).values()) == {FP32}
+    reasons = {r["name"]: r["reason"] for r in limited.report["fp32_nodes"]}
+    assert all("only int8 or fp32" in reasons[name] for name in products(limited))
+    rows = [out.report["int8"]["by_input_op_type"]["BatchMatMulV2"] for out in (free, limited)]
+    assert rows[1]["int8"] == rows[0]["int8"] > 0 and rows[1]["bf16"] == 0
+    x = zoo_inputs("bert", batch=2, seed=5)
+    want = model.run(x)[1]
+    assert np.abs(limited.run(x)[1] - want).max() < 5e-2
+
+
 # ---------------------------------------------------------------------- (c) YAML only
 
 def _write_npz(tmp_path: Path, n: int = 120) -> Path:
@@ -352,15 +391,24 @@ def test_evaluation_runs_the_int8_tuner(digits, fp32, calib_loader):
     assert _accuracy(out, digits[1]) >= _accuracy(fp32, digits[1]) - 0.01
 
 
-def test_int8_fp32_refuses_what_needs_bf16(fp32, calib_loader, digits):
-    """Without bf16 among the precisions, fused BF16 kernels and tuning (which gives INT8 ops back to
-    BF16) are errors, not a silently BF16 result."""
+def test_int8_fp32_refuses_tuning_that_needs_bf16(fp32, calib_loader, digits):
+    """Without bf16 among the precisions, tuning (which gives INT8 ops back to BF16) is an error, not
+    a silently BF16 result."""
     converter = Quantization({"use_bf16": False})
     assert converter.precisions == ("int8", "fp32")
     converter.model, converter.calib_dataloader = fp32, calib_loader
     converter.eval_func = lambda model: 1.0
     with pytest.raises(ConfigError, match="accuracy tuning.*exclude bf16"):
         converter()
-    converter.eval_func, converter.kernels = None, True
-    with pytest.raises(ConfigError, match="kernels=True.*exclude bf16"):
-        converter()
+
+
+def test_int8_fp32_with_kernels_runs_tf_bf16s_int8_ops(kernel_ops, fp32, calib_loader, digits):
+    """kernels=True without bf16: the quantized ops become tf_bf16's INT8 kernel ops, nothing is BF16."""
+    converter = Quantization({"use_bf16": False}, kernels=True)
+    converter.model, converter.calib_dataloader = fp32, calib_loader
+    out = converter()
+    ops = _ops(out.graph_def)
+    assert ops["TfBf16QuantizedConv2D"] == 2 and ops["TfBf16QuantizedMatMul"] == 2
+    assert not any(n.attr["T"].type == tf.bfloat16.as_datatype_enum for n in out.graph_def.node if "T" in n.attr)
+    assert out.report["kernels"]["nodes"] == 4
+    assert _accuracy(out, digits[1]) >= _accuracy(fp32, digits[1]) - 0.01

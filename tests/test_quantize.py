@@ -174,6 +174,22 @@ def test_forced_precisions_and_missing_ranges_keep_nodes_float(digits):
     assert convs[0] in {n.name for n in out.node}
 
 
+def test_allowed_sets_decide_what_the_int8_stage_takes(digits):
+    """{bf16, fp32} keeps a conv float (for the BF16 stage, which paints it); {int8, fp32} lets it be quantized."""
+    keras_model, _ = digits
+    model = Model(keras_model)
+    plan = build_plan(model.graph_def, model.input_names, model.output_names)
+    cleaned = pipeline.clean_up(model.graph_def, plan)
+    convs = [n.name for n in cleaned.node if n.op == "Conv2D"]
+    limited = dataclasses.replace(plan, node_allowed={convs[0]: {"bf16", "fp32"}, convs[1]: {"int8", "fp32"}})
+    ranges = {t: (0.0, 4.0) for t in calibration_tensors(cleaned, plan)}
+    assert set(calibration_tensors(cleaned, limited)) < set(ranges)      # convs[0]'s pattern needs no range
+    result = pipeline.convert_cleaned(cleaned, dataclasses.replace(limited, quantization=QuantizationSpec(ranges)))
+    assert convs[0] not in result.int8_nodes and convs[1] in result.int8_nodes
+    assert convs[0] in result.bf16_nodes
+    assert _ops(result.graph_def)["QuantizedConv2DWithBiasAndReluAndRequantize"] == 1
+
+
 def test_calibration_tensors_are_the_pattern_borders(digits):
     keras_model, _ = digits
     model = Model(keras_model)
@@ -253,3 +269,26 @@ def test_weights_use_the_levels_the_cpu_computes_exactly(digits):
             next(c for c in cleaned.node if c.op == "Conv2D").input[1]))))
         top = np.asarray(g.const_value(nodes[conv.input[6]]))
         np.testing.assert_allclose(weights * top / 127.0, original, atol=float(np.max(top)) / 127.0)
+
+
+def test_a_summand_that_is_also_the_convolutions_input_stays_outside_the_fused_sum():
+    """relu(x + conv(x)) with x a ReLU output: TensorFlow's fused sum writes its output over the
+    summand, which here the convolution itself still reads (measured: a segmentation fault)."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    y = keras.layers.Conv2D(8, 3, padding="same")(x)
+    out = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    keras_model = keras.Model(inputs, out)
+    zoo.make_trained_like(keras_model)
+    model = Model(keras_model)
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal((4, 8, 8, 4)).astype(np.float32) for _ in range(2)]
+    converted, _, _ = _quantized(model, feeds)
+    ops = _ops(converted)
+    assert ops["QuantizedConv2DWithBiasSumAndReluAndRequantize"] == 0
+    assert ops["QuantizedConv2DWithBiasAndRequantize"] == 1     # the convolution is still INT8
+    x = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
+    reference = model.run([x])[0]
+    actual = model.with_graph_def(converted).run([x])[0]
+    assert np.abs(actual - reference).max() < 0.05 * np.abs(reference).max()

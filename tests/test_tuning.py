@@ -96,6 +96,17 @@ def _bound(candidates: int) -> int:
     return math.ceil(math.log2(candidates)) + 3
 
 
+def test_experimental_reexports_both_converters_and_common():
+    """``tf_bf16.experimental`` offers Neural Compressor's experimental names, as the package's own objects."""
+    import tf_bf16
+    from tf_bf16 import experimental
+
+    assert experimental.MixedPrecision is tf_bf16.MixedPrecision is MixedPrecision
+    assert experimental.Quantization is tf_bf16.Quantization
+    assert experimental.common is tf_bf16.common is common
+    assert set(experimental.__all__) == {"MixedPrecision", "Quantization", "common"}
+
+
 # --------------------------------------------------------------------------------------
 # end to end on trained models
 # --------------------------------------------------------------------------------------

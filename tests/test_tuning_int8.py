@@ -86,6 +86,26 @@ def test_when_even_all_bf16_fails_the_bf16_to_fp32_search_takes_over(quantized_d
     assert tuned.report["tuning"]["int8"]["trials"][1]["phase"] == "all bf16"
 
 
+def test_an_op_the_config_limits_to_int8_or_fp32_falls_back_to_fp32_not_bf16(quantized_digits):
+    model, cleaned, plan, _ = quantized_digits
+    ops = {n.name: n.op for n in cleaned.node}
+    conv = next(n for n in cleaned.node if n.op == "Conv2D").name
+    limited = dataclasses.replace(plan, node_allowed={conv: {"int8", "fp32"}})
+    result = pipeline.convert_cleaned(cleaned, limited)
+    candidates = tuning.int8_candidates(cleaned, limited, result)
+    assert conv in candidates                                            # INT8 first, as any free op
+    assert {tuning.int8_fallback(limited, n, ops[n]) for n in candidates} == {"bf16", "fp32"}
+    spec = _spec(lambda m: 1.0 if _int8_ops(m) == 0 else 0.0)           # passes only with every op given back
+    tuned = tuning.tune_quantized(spec, model, cleaned, limited, result)
+    best = tuned.report["tuning"]["best"]
+    assert tuned.report["goal_met"] and best["dtypes"] == {n: "fp32" if n == conv else "bf16" for n in candidates}
+    node = next(n for n in tuned.graph_def.node if n.name == conv)
+    assert node.op == "Conv2D" and node.attr["T"].type == tf.float32.as_datatype_enum
+    row = next(line.split() for line in tuning.format_int8_table(tuned.report["tuning"]).splitlines()
+               if line.split()[:1] == [str(best["trial"])])
+    assert row.count("F") == 1 and row.count("B") == len(candidates) - 1
+
+
 def test_noise_ranks_a_layer_whose_input_range_a_rare_outlier_stretched_first():
     graph = tf.Graph()
     rng = np.random.default_rng(0)

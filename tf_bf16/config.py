@@ -760,6 +760,11 @@ class MixedPrecisionConfig(_Section):
         """Op type -> forced "fp32"/"bf16" from ``op_type_wise``; entries allowing both are omitted."""
         return _forced(self.op_type_wise)
 
+    def allowed_precisions(self, section: str) -> Dict[str, FrozenSet[str]]:
+        """Name -> {the forced precision} for ``section`` ("op_wise"/"op_type_wise"): a list allowing both
+        floats says nothing here, not even "no INT8" (INT8 is the ``quantization`` section's to limit)."""
+        return {name: frozenset({p}) for name, p in _forced(getattr(self, section)).items()}
+
 
 @_section
 class TensorQuantConfig(_Section):
@@ -832,23 +837,24 @@ def _as_precisions(dtypes: Iterable[str]) -> FrozenSet[str]:
     return frozenset(INT8 if d in INT8_DTYPES else d for d in dtypes)
 
 
-def _forced_precision(allowed: Optional[FrozenSet[str]], int8: bool) -> Optional[str]:
-    """The precision a node is forced to by the precisions its entry allows; None when it is free.
+def _limit(allowed: Optional[FrozenSet[str]], int8: bool) -> Optional[FrozenSet[str]]:
+    """What an entry's allowed precisions leave a node; None when it leaves every precision the converter has.
 
-    One allowed precision forces it. With the INT8 stage, an entry that excludes int8 but allows
-    bf16 and fp32 forces fp32: the plan forces one precision per node, and fp32 never costs accuracy.
+    One precision forces it. Several mean "one of these, FP32 as the last resort" (fp32 is added:
+    a node no stage can take runs FP32 anyway), so with the INT8 stage [bf16, fp32] keeps a node out
+    of INT8, [int8, fp32] out of BF16, and [int8, bf16] limits nothing.
     """
     if allowed is None:
         return None
-    if len(allowed) == 1:
-        return next(iter(allowed))
-    return FP32 if int8 and INT8 not in allowed else None
+    if len(allowed) > 1:
+        allowed = allowed | {FP32}
+    return None if allowed >= frozenset(ALL_PRECISIONS if int8 else PRECISIONS) else allowed
 
 
-def _forced_by_name(overrides: Mapping[str, QuantOverride], path: Path, int8: bool) -> Dict[str, str]:
-    """Name (node or op type) -> forced precision, for the entries of ``overrides`` that force one."""
-    forced = {name: _forced_precision(o.allowed(path + (name,), int8), int8) for name, o in overrides.items()}
-    return {name: p for name, p in forced.items() if p is not None}
+def _allowed_by_name(overrides: Mapping[str, QuantOverride], path: Path, int8: bool) -> Dict[str, FrozenSet[str]]:
+    """Name (node or op type) -> allowed precisions, for the entries of ``overrides`` that limit them."""
+    limits = {name: _limit(o.allowed(path + (name,), int8), int8) for name, o in overrides.items()}
+    return {name: limit for name, limit in limits.items() if limit is not None}
 
 
 @_section
@@ -889,17 +895,15 @@ class QuantizationConfig(_Section):
             raw["op_type_wise"] = _at(_OP_OVERRIDES_ADAPTER, alias, "optype_wise")
         return cls._fields(raw)
 
-    def node_precisions(self, int8: bool = False) -> Dict[str, str]:
-        """Node name -> forced precision from ``op_wise``; int8 dtypes are refused unless ``int8``."""
-        return _forced_by_name(self.op_wise, ("quantization", "op_wise"), int8)
-
-    def op_type_precisions(self, int8: bool = False) -> Dict[str, str]:
-        """Op type -> forced precision from ``op_type_wise``; int8 dtypes are refused unless ``int8``."""
-        return _forced_by_name(self.op_type_wise, ("quantization", "op_type_wise"), int8)
+    def allowed_precisions(self, section: str, int8: bool = False) -> Dict[str, FrozenSet[str]]:
+        """Name -> allowed precisions from ``section`` ("op_wise"/"op_type_wise"), entries that limit nothing
+        left out (``_limit``); int8 dtypes are refused unless ``int8`` (the converter has an INT8 stage)."""
+        return _allowed_by_name(getattr(self, section), ("quantization", section), int8)
 
     def model_precision(self) -> Optional[str]:
         """The one float precision ``model_wise`` allows every node ("fp32" or "bf16"), or None (MixedPrecision)."""
-        return _forced_precision(self.model_wise.allowed(("quantization", "model_wise"), int8=False), int8=False)
+        allowed = self.model_wise.allowed(("quantization", "model_wise"), int8=False)
+        return next(iter(allowed)) if allowed is not None and len(allowed) == 1 else None
 
     def model_dtypes(self) -> FrozenSet[str]:
         """The precisions ``model_wise`` allows every node with the INT8 stage on (all when it lists none)."""
@@ -1033,16 +1037,34 @@ def _top_level_precisions(raw: Mapping[str, Any], mixed: Mapping[str, Any]) -> O
     return precisions if use_bf16 else (FP32,)
 
 
-def _merge_forced(mixed: Dict[str, str], section: str, quant: Mapping[str, str]) -> Dict[str, str]:
-    """``mixed`` (from ``mixed_precision.<section>``) plus ``quant`` (``quantization.<section>``); ConfigError
-    when they force one name to different precisions."""
-    forced = dict(mixed)
-    for name, precision in quant.items():
-        if forced.get(name, precision) != precision:
-            raise ConfigError(f"config keys '{_dotted(('mixed_precision', section, name))}' ({forced[name]}) and "
-                              f"'{_dotted(('quantization', section, name))}' ({precision}) disagree; give one of them")
-        forced[name] = precision
-    return forced
+def _merge_allowed(mixed: Mapping[str, FrozenSet[str]], section: str,
+                   quant: Mapping[str, FrozenSet[str]]) -> Dict[str, FrozenSet[str]]:
+    """The precisions both ``mixed`` (``mixed_precision.<section>``) and ``quant`` (``quantization.<section>``)
+    allow each name; ConfigError when they allow one name no common precision."""
+    merged = dict(mixed)
+    for name, allowed in quant.items():
+        both = merged.get(name, allowed) & allowed
+        if not both:
+            raise ConfigError(f"config keys '{_dotted(('mixed_precision', section, name))}' ({_shown(merged[name])}) "
+                              f"and '{_dotted(('quantization', section, name))}' ({_shown(allowed)}) disagree: "
+                              f"they allow no common precision; give one of them")
+        merged[name] = both
+    return merged
+
+
+def _shown(precisions: FrozenSet[str]) -> str:
+    """Precisions in ALL_PRECISIONS order, for a message."""
+    return ", ".join(p for p in ALL_PRECISIONS if p in precisions)
+
+
+def _forced_only(allowed: Mapping[str, FrozenSet[str]]) -> Dict[str, str]:
+    """The names ``allowed`` limits to one precision, with it."""
+    return {name: next(iter(s)) for name, s in allowed.items() if len(s) == 1}
+
+
+def _sets_only(allowed: Mapping[str, FrozenSet[str]]) -> Dict[str, FrozenSet[str]]:
+    """The names ``allowed`` limits to a set of several precisions."""
+    return {name: s for name, s in allowed.items() if len(s) > 1}
 
 
 @_section
@@ -1069,17 +1091,29 @@ class Config(_Section):
         """Node name -> forced precision from ``mixed_precision.op_wise`` and ``quantization.op_wise``.
 
         ``int8`` False (MixedPrecision): "fp32"/"bf16", and an int8 dtype in ``quantization`` is a
-        ConfigError. True (Quantization): "int8" too. ConfigError when the two sections force one
-        node to different precisions.
+        ConfigError. True (Quantization): "int8" too. ConfigError when the two sections allow one
+        node no common precision. Entries that allow several precisions are in ``node_allowed``.
         """
-        return _merge_forced(self.mixed_precision.node_precisions(), "op_wise",
-                             self.quantization.node_precisions(int8) if self.quantization is not None else {})
+        return _forced_only(self._allowed("op_wise", int8))
+
+    def node_allowed(self, int8: bool = False) -> Dict[str, FrozenSet[str]]:
+        """Node name -> the set of precisions the op_wise entries limit it to, when more than one
+        ({bf16, fp32} or {int8, fp32}; only with ``int8``, since without INT8 such a set limits nothing)."""
+        return _sets_only(self._allowed("op_wise", int8))
 
     def op_type_precisions(self, int8: bool = False) -> Dict[str, str]:
         """Op type -> forced precision (``mixed_precision.op_type_wise``, ``quantization.op_type_wise``), as
         ``node_precisions``."""
-        return _merge_forced(self.mixed_precision.op_type_precisions(), "op_type_wise",
-                             self.quantization.op_type_precisions(int8) if self.quantization is not None else {})
+        return _forced_only(self._allowed("op_type_wise", int8))
+
+    def op_type_allowed(self, int8: bool = False) -> Dict[str, FrozenSet[str]]:
+        """Op type -> the set of precisions the op_type_wise entries limit it to, as ``node_allowed``."""
+        return _sets_only(self._allowed("op_type_wise", int8))
+
+    def _allowed(self, section: str, int8: bool) -> Dict[str, FrozenSet[str]]:
+        """Name -> the precisions ``mixed_precision.<section>`` and ``quantization.<section>`` both allow."""
+        quant = self.quantization.allowed_precisions(section, int8) if self.quantization is not None else {}
+        return _merge_allowed(self.mixed_precision.allowed_precisions(section), section, quant)
 
     def effective_precisions(self) -> Tuple[str, ...]:
         """``mixed_precision.precisions``, narrowed to fp32 when ``quantization.model_wise`` allows only fp32."""

@@ -6,7 +6,7 @@ This is the one place where what TensorFlow can run (kernel registry), what the 
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import FrozenSet, Iterable, Mapping, Optional
 
 from tensorflow.core.framework import graph_pb2
 
@@ -18,8 +18,13 @@ from tf_bf16.transforms.plan import PrecisionPlan
 def build_plan(graph_def: graph_pb2.GraphDef, inputs: Iterable[str], outputs: Iterable[str],
                registry: Optional[KernelRegistry] = None,
                node_precisions: Optional[Mapping[str, str]] = None,
-               op_type_precisions: Optional[Mapping[str, str]] = None) -> PrecisionPlan:
+               op_type_precisions: Optional[Mapping[str, str]] = None,
+               node_allowed: Optional[Mapping[str, FrozenSet[str]]] = None,
+               op_type_allowed: Optional[Mapping[str, FrozenSet[str]]] = None) -> PrecisionPlan:
     """A plan whose BF16 kernel table covers every op in ``graph_def`` and in the paint lists.
+
+    ``node_precisions``/``op_type_precisions`` force one precision, ``node_allowed``/``op_type_allowed``
+    limit a node to a set of them (``PrecisionPlan``).
 
     The listed ops are included because clean-up passes may introduce them (BatchNorm
     folding adds BiasAdd) after the plan is built.
@@ -31,4 +36,5 @@ def build_plan(graph_def: graph_pb2.GraphDef, inputs: Iterable[str], outputs: It
     kernels = {op: registry.bf16_attrs(op) for op in ops}
     return PrecisionPlan(inputs=tuple(inputs), outputs=tuple(outputs), bf16_kernel_attrs=kernels,
                          node_precisions=dict(node_precisions or {}),
-                         op_type_precisions=dict(op_type_precisions or {}))
+                         op_type_precisions=dict(op_type_precisions or {}),
+                         node_allowed=dict(node_allowed or {}), op_type_allowed=dict(op_type_allowed or {}))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from absl import logging
@@ -43,7 +43,8 @@ CALIBRATION_KEY = "quantization.calibration.dataloader"
 class Quantization:
     """Quantize a model to INT8 where it can, BF16/FP32 elsewhere, following a config.
 
-    ``target``, ``env`` and ``kernels`` mean what they mean for ``MixedPrecision``; ``env``
+    ``target`` and ``env`` mean what they mean for ``MixedPrecision``; ``kernels`` also turns the
+    quantized ops into tf_bf16's INT8 kernel ops (``transforms/int8_kernels.py``); ``env``
     (default ``os.environ``) is also where ``TF_ENABLE_ONEDNN_OPTS`` is read. The input model
     is never modified.
     """
@@ -62,6 +63,9 @@ class Quantization:
         self.eval_func: Optional[Callable[[Model], float]] = None
         self.node_precisions: Dict[str, str] = dict(self.conf.node_precisions(int8=True))
         self.op_type_precisions: Dict[str, str] = dict(self.conf.op_type_precisions(int8=True))
+        # Entries that allow a set of precisions ({bf16, fp32}: not INT8; {int8, fp32}: not BF16).
+        self.node_allowed: Dict[str, FrozenSet[str]] = dict(self.conf.node_allowed(int8=True))
+        self.op_type_allowed: Dict[str, FrozenSet[str]] = dict(self.conf.op_type_allowed(int8=True))
         unapplied = self.settings.unapplied_keys()
         if unapplied:
             logging.warning("tf_bf16: not applied (the INT8 stage chooses these itself; see the README): %s",
@@ -117,7 +121,8 @@ class Quantization:
     def plan_for(self, model: Model) -> PrecisionPlan:
         """The precision plan (no ranges yet) for ``model`` from the config and this TensorFlow's kernels."""
         return build_plan(model.graph_def, model.input_names, model.output_names,
-                          node_precisions=self.node_precisions, op_type_precisions=self.op_type_precisions)
+                          node_precisions=self.node_precisions, op_type_precisions=self.op_type_precisions,
+                          node_allowed=self.node_allowed, op_type_allowed=self.op_type_allowed)
 
     # ------------------------------------------------------------------ steps
 
@@ -133,10 +138,10 @@ class Quantization:
                 if precision == BF16 and BF16 not in self._precisions:
                     raise ConfigError(f"converter.{what}[{config_lib.preview(name)}] forces bf16, but the precisions "
                                       f"({', '.join(self._precisions)}) exclude it; make them agree")
-        if BF16 not in self._precisions and (self.kernels or self._has_evaluation()):
-            what = "kernels=True fuses BF16 ops" if self.kernels else "accuracy tuning gives INT8 ops back to BF16"
-            raise ConfigError(f"{what}, and the precisions ({', '.join(self._precisions)}) exclude bf16; allow "
-                              f"bf16 or drop {'kernels=True' if self.kernels else 'the evaluation settings'}")
+        if BF16 not in self._precisions and self._has_evaluation():
+            raise ConfigError(f"accuracy tuning gives INT8 ops back to BF16, and the precisions "
+                              f"({', '.join(self._precisions)}) exclude bf16; allow bf16 or drop the evaluation "
+                              f"settings")
 
     def _calibration_loader(self) -> Any:
         """The calibration data: ``calib_dataloader`` from code, else the YAML's; ConfigError when neither."""
@@ -202,10 +207,8 @@ class Quantization:
         return dataclasses.replace(plan, quantization=spec), info
 
     def _convert(self, cleaned: GraphDef, plan: PrecisionPlan) -> pipeline.ConversionResult:
-        """The stages after clean-up; without bf16 among the precisions, the INT8 stage alone."""
-        if BF16 in self._precisions:
-            return pipeline.convert_cleaned(cleaned, plan, self.kernels)
-        return _convert_int8_fp32(cleaned, plan)
+        """The stages after clean-up; without bf16 among the precisions, no BF16 stage (INT8 + FP32)."""
+        return pipeline.convert_cleaned(cleaned, plan, self.kernels, bf16=BF16 in self._precisions)
 
     def _extra(self, model: Model, result: pipeline.ConversionResult, calibration_info: Dict[str, Any],
                seconds: Mapping[str, float], elapsed: float) -> Dict[str, Any]:
@@ -238,13 +241,3 @@ def _feeds(loader: Any, input_names: Sequence[str]) -> Iterator[Dict[str, np.nda
     """``{input name: batch}`` for each batch of ``loader``, read lazily (calibration stops at its sample count)."""
     for inputs, _ in common.batches(loader):
         yield common.model_feeds(inputs, input_names)
-
-
-def _convert_int8_fp32(cleaned: GraphDef, plan: PrecisionPlan) -> pipeline.ConversionResult:
-    """The INT8 stage alone, everything else FP32: for precisions without bf16 (a CPU without avx512_bf16)."""
-    start = time.perf_counter()
-    context = pipeline.new_context(plan)
-    converted = pipeline.run(cleaned, context, pipeline.INT8)
-    return pipeline.ConversionResult(converted, cleaned, context.fp32_reasons(), context.bf16_nodes(),
-                                     {"convert": time.perf_counter() - start}, context.consts_converted,
-                                     dict(context.functions), context.kernel_nodes, frozenset(context.int8_nodes))

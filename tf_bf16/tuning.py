@@ -35,7 +35,7 @@ from tf_bf16 import pipeline, report as report_lib, sensitivity
 from tf_bf16.errors import EvaluationError
 from tf_bf16.evaluation import Criterion, EvaluationSpec, Evaluator, synthetic_feeds
 from tf_bf16.model import Model
-from tf_bf16.transforms.plan import BF16, INT8, PrecisionPlan
+from tf_bf16.transforms.plan import BF16, FP32, INT8, PrecisionPlan
 
 # The first guess falls back the top units until the unexplained share of the output error
 # is at most allowed_loss / full_bf16_loss, clipped to this range.
@@ -427,7 +427,7 @@ class Int8Trial:
     accuracy: float
     passed: bool
     fallback: int
-    dtypes: Dict[str, str]            # every candidate op -> "int8" / "bf16" in this trial
+    dtypes: Dict[str, str]            # every candidate op -> "int8" / "bf16" (or "fp32", int8_fallback) in this trial
     seconds: float
     elapsed: float
     error: str = ""
@@ -448,6 +448,11 @@ def int8_candidates(cleaned: Any, plan: PrecisionPlan, result: pipeline.Conversi
                   if ops.get(n) in CONTRACTIONS and plan.forced(n, ops[n]) != INT8)
 
 
+def int8_fallback(plan: PrecisionPlan, name: str, op: str) -> str:
+    """The precision tuning gives an INT8 op back to: BF16, or FP32 where the plan allows the node no BF16."""
+    return BF16 if BF16 in plan.allowed(name, op) else FP32
+
+
 def tune_quantized(spec: EvaluationSpec, model: Model, cleaned: Any, plan: PrecisionPlan,
                    result: pipeline.ConversionResult, base_report: Optional[Mapping[str, Any]] = None,
                    kernels: bool = False) -> Model:
@@ -457,7 +462,8 @@ def tune_quantized(spec: EvaluationSpec, model: Model, cleaned: Any, plan: Preci
     Trial 1 is the full INT8+BF16 conversion. If it fails, the INT8 ops are ranked by their
     quantization noise (``int8_sensitivity``) and trial 2 runs them all in BF16; if even that
     fails, the BF16 -> FP32 search (``tune``) takes over from it. Otherwise a bisection finds
-    the fewest most-sensitive ops to give back to BF16: at most ceil(log2 N) + 2 evaluations
+    the fewest most-sensitive ops to give back to BF16 (to FP32 for a node the config limits
+    to int8/fp32, ``int8_fallback``): at most ceil(log2 N) + 2 evaluations
     besides the baseline for N candidate ops. Each trial records every candidate's dtype.
     """
     from tf_bf16 import int8_sensitivity
@@ -500,6 +506,8 @@ class _Int8Search:
     def __init__(self, model: Model, cleaned: Any, plan: PrecisionPlan, ranked: Sequence[str], evaluator: Evaluator,
                  criterion: Criterion, baseline: float, spec: EvaluationSpec, kernels: bool, start: float):
         self.model, self.cleaned, self.plan, self.ranked = model, cleaned, plan, list(ranked)
+        ops = {n.name: n.op for n in cleaned.node}
+        self.fallbacks = {name: int8_fallback(plan, name, ops.get(name, "")) for name in self.ranked}
         self.evaluator, self.criterion, self.baseline = evaluator, criterion, baseline
         self.max_trials, self.timeout, self.kernels, self.start = spec.max_trials, spec.timeout, kernels, start
         self.trials: List[Int8Trial] = []
@@ -508,9 +516,9 @@ class _Int8Search:
         self.stopped = ""
 
     def plan_for(self, fallback: int) -> PrecisionPlan:
-        """The plan with the ``fallback`` most sensitive INT8 ops forced to BF16."""
+        """The plan with the ``fallback`` most sensitive INT8 ops forced to BF16 (or FP32, ``int8_fallback``)."""
         forced = dict(self.plan.node_precisions)
-        forced.update({name: BF16 for name in self.ranked[:fallback]})
+        forced.update({name: self.fallbacks[name] for name in self.ranked[:fallback]})
         return dataclasses.replace(self.plan, node_precisions=forced)
 
     def passed(self, fallback: int) -> bool:
@@ -529,7 +537,7 @@ class _Int8Search:
             result = pipeline.convert_cleaned(self.cleaned, self.plan_for(fallback), self.kernels)
         accuracy, error = _score(self.evaluator, self.model, result.graph_def, len(self.trials) + 1)
         passed = self.criterion.passes(accuracy, self.baseline)
-        dtypes = {name: (BF16 if i < fallback else INT8) for i, name in enumerate(self.ranked)}
+        dtypes = {name: (self.fallbacks[name] if i < fallback else INT8) for i, name in enumerate(self.ranked)}
         trial = Int8Trial(len(self.trials) + 1, phase, accuracy, passed, fallback, dtypes,
                           time.perf_counter() - t0, time.perf_counter() - self.start, error)
         self.trials.append(trial)
@@ -589,14 +597,15 @@ class _Int8Search:
 
 
 def format_int8_table(tuning: Mapping[str, Any]) -> str:
-    """The trial table: accuracy per trial and each candidate op's dtype (I = INT8, B = BF16)."""
+    """The trial table: accuracy per trial and each candidate op's dtype (I = INT8, B = BF16, F = FP32)."""
     trials = tuning["int8"]["trials"]
     names = list(trials[0]["dtypes"]) if trials else []
+    marks_by_dtype = {INT8: "I", BF16: "B", FP32: "F"}
     header = f"{'Trial':<8}{'Accuracy':>10}{'Passed':>8}{'BF16':>6}  " + " ".join(f"op{i}" for i in range(len(names)))
     lines = ["Tune Result Statistics (INT8 -> BF16)", header, "-" * len(header),
              f"{'FP32':<8}{tuning['baseline']['accuracy']:>10.4f}{'-':>8}{'-':>6}"]
     for t in trials:
-        marks = " ".join(f"{'B' if t['dtypes'][n] == BF16 else 'I':>3}" for n in names)
+        marks = " ".join(f"{marks_by_dtype[t['dtypes'][n]]:>3}" for n in names)
         lines.append(f"{t['trial']:<8}{t['accuracy']:>10.4f}{'yes' if t['passed'] else 'no':>8}"
                      f"{t['bf16_fallback']:>6}  {marks}")
     lines.extend(f"op{i} = {name}" for i, name in enumerate(names))

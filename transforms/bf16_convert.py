@@ -8,18 +8,18 @@ add or batch norm directly after one. Exact CLEAR ops follow an island both ways
 their inputs or all their consumers are BF16, so Casts appear only at island borders. DENY
 ops and INFER ops downstream of them, normalization statistics, long BF16-accumulating
 reductions, the last computation before an output, nodes on non-CPU devices, nodes the plan
-forces FP32, graph inputs/outputs, control-flow frames, function calls and unknown ops stay
-FP32. The result does not depend on node order. FP32 Consts feeding BF16 vertices become
-BF16 Consts offline (one converted copy per Const); a Const declared as a graph input keeps
-its dtype and gets a Cast. Every FP32-kept float node is recorded with its reason in
-``decisions``.
+forces FP32 or allows only INT8/FP32 (left float by the INT8 stage), graph inputs/outputs,
+control-flow frames, function calls and unknown ops stay FP32. The result does not depend on
+node order. FP32 Consts feeding BF16 vertices become BF16 Consts offline (one converted copy
+per Const); a Const declared as a graph input keeps its dtype and gets a Cast. Every FP32-kept
+float node is recorded with its reason in ``decisions``.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -36,6 +36,7 @@ Vertex = Tuple[str, str]  # (node name, TypeSlot.key)
 
 OUTPUT_REASON = "last computation before a graph output kept FP32 (output precision)"
 STAT_REASON = "normalization statistic kept FP32 (mean/variance of a tensor)"
+INT8_FP32_REASON = "config allows only int8 or fp32 and the INT8 stage left it float: FP32"
 
 
 @dataclasses.dataclass
@@ -52,9 +53,10 @@ class _Conversion:
     """One conversion of one graph (``bf16_convert`` is the pass): per-run state only, so
     several conversions can run side by side."""
 
-    def __init__(self, graph_def: graph_pb2.GraphDef, plan: PrecisionPlan):
+    def __init__(self, graph_def: graph_pb2.GraphDef, plan: PrecisionPlan, int8_nodes: FrozenSet[str] = frozenset()):
         self.graph_def = g.copy_graph(graph_def)
         self.plan = plan
+        self.int8_nodes = int8_nodes   # names the INT8 stage replaced: what now has the name is its product
         self.index = g.GraphIndex(self.graph_def)
         self.sigs = g.OpSignatures(self.graph_def)
         self.decisions: Dict[str, Decision] = {}
@@ -114,6 +116,8 @@ class _Conversion:
                 reason = f"placed on {node.device}: tf_bf16 converts CPU nodes only"
             elif self.sigs.is_function(node.op) or node.op in CALL_OPS:
                 reason = "function call: its arguments and results stay FP32 (the body is converted on its own)"
+            elif self._limited_to_int8(node):
+                reason = INT8_FP32_REASON
             else:
                 reason = bf16_refusal(node.op, slot.attr, self.plan.forced(name, node.op),
                                       self._dtype_allows_bf16(node.op, slot.attr),
@@ -122,6 +126,11 @@ class _Conversion:
             if reason:
                 blocked[(name, key)] = reason
         return blocked
+
+    def _limited_to_int8(self, node: node_def_pb2.NodeDef) -> bool:
+        """Whether the plan allows this node INT8 or FP32 but not BF16, and the INT8 stage left it float."""
+        return (node.name not in self.int8_nodes and self.plan.forced(node.name, node.op) is None
+                and BF16 not in self.plan.allowed(node.name, node.op))
 
     def _dtype_allows_bf16(self, op: str, attr: str) -> bool:
         allowed = self.sigs.allowed_types(op, attr)
@@ -523,7 +532,7 @@ def bf16_convert(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gr
     Records every float node's precision (and, for FP32 ones, why) in ``context.decisions``
     and counts the Consts converted offline in ``context.consts_converted``.
     """
-    conversion = _Conversion(graph_def, context.plan)
+    conversion = _Conversion(graph_def, context.plan, frozenset(context.int8_nodes))
     out = conversion.do_transformation()
     context.decisions.update(conversion.decisions)
     context.consts_converted += conversion.consts_converted

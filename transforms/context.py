@@ -60,7 +60,8 @@ class TransformContext:
     def for_body(self, inputs: Sequence[str], outputs: Sequence[str]) -> "TransformContext":
         """A fresh context for a function body: its arguments and results are the protected
         FP32 borders, and node-level precisions (names of the outer graph) do not apply."""
-        plan = dataclasses.replace(self.plan, inputs=tuple(inputs), outputs=tuple(outputs), node_precisions={})
+        plan = dataclasses.replace(self.plan, inputs=tuple(inputs), outputs=tuple(outputs), node_precisions={},
+                                   node_allowed={})
         return TransformContext(plan, self.body_transforms, self.run)
 
     def fp32_reasons(self) -> Dict[str, str]:

@@ -31,6 +31,7 @@ def _registry() -> Mapping[str, Transform]:
     from tf_bf16.transforms.function_bodies import convert_function_bodies
     from tf_bf16.transforms.fuse_kernels import fuse_kernels
     from tf_bf16.transforms.fuse_layer_norm import fuse_layer_norm
+    from tf_bf16.transforms.int8_kernels import int8_kernels
     from tf_bf16.transforms.quantize import quantize
     from tf_bf16.transforms.remove_identity import remove_identity
     from tf_bf16.transforms.residual_addn import residual_addn
@@ -51,6 +52,7 @@ def _registry() -> Mapping[str, Transform]:
         "bf16_convert": bf16_convert,
         "fold_casts": fold_casts,
         "convert_function_bodies": convert_function_bodies,
+        "int8_kernels": int8_kernels,
         "fuse_kernels": fuse_kernels,
     })
 

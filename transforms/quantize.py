@@ -19,8 +19,8 @@ BatchMatMul of an activation by a constant 2-D weight (BERT's attention projecti
 rows x weight between two Reshapes.
 Weights are symmetric INT8, per output channel unless the plan asks per tensor, using at most
 ``plan.quantization.weight_max`` levels per side (63 for CPUs without VNNI/AMX, see plan.py). Ranges come
-from ``plan.quantization.ranges`` (see ``calibration_tensors``); a node the plan forces to
-BF16 or FP32 stays float for the later stages.
+from ``plan.quantization.ranges`` (see ``calibration_tensors``); a node whose allowed precisions
+exclude INT8 (forced to BF16 or FP32, or limited to {bf16, fp32}) stays float for the later stages.
 
 These ops run through oneDNN: TensorFlow registers them as placeholders that its oneDNN
 layout pass replaces, so the result needs ``TF_ENABLE_ONEDNN_OPTS=1`` (the default on Intel CPUs).
@@ -138,9 +138,8 @@ def quantize(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_
 # ------------------------------------------------------------------------------ matching
 
 def _int8_allowed(node: node_def_pb2.NodeDef, plan: PrecisionPlan) -> bool:
-    """Not forced to BF16/FP32 by the plan, and placed on the CPU."""
-    forced = plan.forced(node.name, node.op)
-    return (forced is None or forced == INT8) and g.on_cpu(node.device)
+    """INT8 among the precisions the plan allows the node (not forced or limited to BF16/FP32), and on the CPU."""
+    return INT8 in plan.allowed(node.name, node.op) and g.on_cpu(node.device)
 
 
 def _patterns(index: g.GraphIndex, plan: PrecisionPlan) -> List[_Pattern]:
@@ -265,9 +264,11 @@ class _Builder:
         summand = None
         if pattern.add is not None:
             summand = self._input(g.canonical_tensor(pattern.summand), needs_unsigned=False)
-            if summand is None or summand.dtype != QUINT8:
-                # TF's SignedSum op (INT8 summand) was measured to add ~6e-2 to ResNet50's output
-                # error (1.5e-2 with those adds in float): keep a signed residual outside.
+            # TF's SignedSum op (INT8 summand) was measured to add ~6e-2 to ResNet50's output
+            # error (1.5e-2 with those adds in float): keep a signed residual outside. A summand
+            # that is also the convolution's input crashes TensorFlow's fused sum (it writes the
+            # output over the summand while the convolution still reads it): keep that outside too.
+            if summand is None or summand.dtype != QUINT8 or summand.values == source.values:
                 pattern = dataclasses.replace(pattern, add=None, summand=None, relu=None)
                 summand = None
         out_range = self._range(g.canonical_tensor(pattern.output.name))
