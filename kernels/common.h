@@ -354,6 +354,20 @@ inline absl::Status BindScratchpad(OpKernelContext* ctx, const PrimitivePlan& pl
   return absl::OkStatus();
 }
 
+// Executes the primitive on bound `args`; in the fallback, rounds the FP32 result into the BF16
+// output.
+inline absl::Status RunPlan(const PrimitivePlan& plan, const FusedOperands& io, const ExecArgs& args,
+                            ExecBuffers* buffers) {
+  dnnl::stream stream(CpuEngine());
+  plan.primitive.execute(stream, args);
+  stream.wait();
+  if (plan.fp32_fallback) {
+    NarrowToBf16(buffers->dst.flat<float>().data(), io.dst->flat<tensorflow::bfloat16>().data(),
+                 io.dst->NumElements());
+  }
+  return absl::OkStatus();
+}
+
 // Runs `plan` on `io` (see BindInputs for `weight_cache`).
 inline absl::Status ExecutePlan(OpKernelContext* ctx, const PrimitivePlan& plan,
                                 const FusedOperands& io, WeightCache* weight_cache) {
@@ -364,14 +378,7 @@ inline absl::Status ExecutePlan(OpKernelContext* ctx, const PrimitivePlan& plan,
   TF_RETURN_IF_ERROR(BindOutput(ctx, plan, io, &buffers, &args));
   TF_RETURN_IF_ERROR(BindScratchpad(ctx, plan, &buffers, &args));
 
-  dnnl::stream stream(CpuEngine());
-  plan.primitive.execute(stream, args);
-  stream.wait();
-  if (plan.fp32_fallback) {
-    NarrowToBf16(buffers.dst.flat<float>().data(), io.dst->flat<tensorflow::bfloat16>().data(),
-                 io.dst->NumElements());
-  }
-  return absl::OkStatus();
+  return RunPlan(plan, io, args, &buffers);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -349,14 +349,31 @@ inline absl::Status ExecuteQuantizedPlan(OpKernelContext* ctx, const QuantizedSp
     args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = ScalesMemory(&spec.dst_scale, 1);
   }
 
-  dnnl::stream stream(CpuEngine());
-  plan.primitive.execute(stream, args);
-  stream.wait();
-  if (plan.fp32_fallback) {
-    NarrowToBf16(buffers.dst.flat<float>().data(), io.dst->flat<tensorflow::bfloat16>().data(),
-                 io.dst->NumElements());
-  }
-  return absl::OkStatus();
+  return RunPlan(plan, io, args, &buffers);
+}
+
+// The part of Compute both INT8 kernels share, after their geometry is known: check the
+// weight scales against `channels`, bind the extra inputs, allocate the output, build (once per
+// input shapes) and run the plan. `build(dst_type, scales)` returns the kernel's QuantizedPlan.
+template <typename Build>
+void ComputeQuantized(OpKernelContext* ctx, const char* op, const QuantizedSpec& spec,
+                      const TensorShape& output_shape, int64_t channels, bool empty_input,
+                      PlanCache<QuantizedPlan>* plans, WeightCache* weights, Build build) {
+  std::vector<float> scales;
+  OP_REQUIRES_OK(ctx, WeightScales(op, spec, channels, &scales));
+  FusedOperands io;
+  io.src = &ctx->input(0);
+  io.weights = &ctx->input(1);
+  OP_REQUIRES_OK(ctx, BindFusedArgs(ctx, op, spec.fused, output_shape, &io));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_shape, &io.dst));
+  if (output_shape.num_elements() == 0) return;
+  OP_REQUIRES(ctx, !empty_input, OpError(op, "an empty inner dimension (input channels) is not supported"));
+  auto plan = plans->GetOrCreate(ShapeKey({&io.src->shape(), &io.weights->shape()}), [&] {
+    return BuildQuantizedWithFallback(
+        spec, [&](memory::data_type dst_type) { return build(dst_type, scales); });
+  });
+  OP_REQUIRES_OK(ctx, ExecuteQuantizedPlan(ctx, spec, *plan, io,
+                                           spec.weights_constant ? weights : nullptr));
 }
 
 }  // namespace tf_bf16

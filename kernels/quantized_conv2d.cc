@@ -30,25 +30,10 @@ class QuantizedConv2DOp : public OpKernel {
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, ComputeConvGeometry(input, filter, attrs_, &g));
     const TensorShape output_shape({g.batch, g.h.out, g.w.out, g.out_c});
-    std::vector<float> scales;
-    OP_REQUIRES_OK(ctx, WeightScales(kQuantizedConvOpName, spec_, g.out_c, &scales));
-
-    FusedOperands io;
-    io.src = &input;
-    io.weights = &filter;
-    OP_REQUIRES_OK(ctx, BindFusedArgs(ctx, kQuantizedConvOpName, spec_.fused, output_shape, &io));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_shape, &io.dst));
-    if (output_shape.num_elements() == 0) return;
-    OP_REQUIRES(ctx, g.in_c > 0,
-                OpError(kQuantizedConvOpName, "input with 0 channels is not supported"));
-
-    auto plan = plans_.GetOrCreate(ShapeKey({&input.shape(), &filter.shape()}), [&] {
-      return BuildQuantizedWithFallback(spec_, [&](memory::data_type dst_type) {
-        return BuildPlan(g, dst_type, scales);
-      });
-    });
-    OP_REQUIRES_OK(ctx, ExecuteQuantizedPlan(ctx, spec_, *plan, io,
-                                             spec_.weights_constant ? &weights_ : nullptr));
+    ComputeQuantized(ctx, kQuantizedConvOpName, spec_, output_shape, g.out_c, g.in_c == 0, &plans_,
+                     &weights_, [&](memory::data_type dst_type, const std::vector<float>& scales) {
+                       return BuildPlan(g, dst_type, scales);
+                     });
   }
 
   // u8/s8 NHWC activations, s8 weights in the layout oneDNN prefers (packed once for a Const

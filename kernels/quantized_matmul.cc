@@ -40,25 +40,10 @@ class QuantizedMatMulOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ComputeMatMulGeometry(a, b, transpose_a_, transpose_b_, &g));
     TensorShape output_shape;
     OP_REQUIRES_OK(ctx, TensorShape::BuildTensorShape(g.output_dims, &output_shape));
-    std::vector<float> scales;
-    OP_REQUIRES_OK(ctx, WeightScales(kQuantizedMatMulOpName, spec_, g.n, &scales));
-
-    FusedOperands io;
-    io.src = &a;
-    io.weights = &b;
-    OP_REQUIRES_OK(ctx, BindFusedArgs(ctx, kQuantizedMatMulOpName, spec_.fused, output_shape, &io));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_shape, &io.dst));
-    if (output_shape.num_elements() == 0) return;
-    OP_REQUIRES(ctx, g.k > 0,
-                OpError(kQuantizedMatMulOpName, "an empty inner dimension is not supported"));
-
-    auto plan = plans_.GetOrCreate(ShapeKey({&a.shape(), &b.shape()}), [&] {
-      return BuildQuantizedWithFallback(spec_, [&](memory::data_type dst_type) {
-        return BuildPlan(g, dst_type, scales);
-      });
-    });
-    OP_REQUIRES_OK(ctx, ExecuteQuantizedPlan(ctx, spec_, *plan, io,
-                                             spec_.weights_constant ? &weights_ : nullptr));
+    ComputeQuantized(ctx, kQuantizedMatMulOpName, spec_, output_shape, g.n, g.k == 0, &plans_,
+                     &weights_, [&](memory::data_type dst_type, const std::vector<float>& scales) {
+                       return BuildPlan(g, dst_type, scales);
+                     });
   }
 
   // [rows, k] x [k, n] over the TensorFlow buffers (a transpose attribute only swaps the

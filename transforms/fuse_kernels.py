@@ -19,8 +19,8 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, is_const, keeps_last_dim,
-                                         sole_reader)
+from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, grouped_depthwise_filter,
+                                         is_const, keeps_last_dim, sole_reader)
 
 CONV_OP = "TfBf16Conv2D"
 MATMUL_OP = "TfBf16MatMul"
@@ -106,14 +106,7 @@ def _filter_input(node: node_def_pb2.NodeDef, index: g.GraphIndex, new_consts: L
     dims = [d.size for d in producer.attr["value"].tensor.tensor_shape.dim]
     if len(dims) != 4:
         return None
-    grouped = node_def_pb2.NodeDef()
-    grouped.CopyFrom(producer)
-    grouped.name = g.unique_name(taken, f"{src}/grouped")
-    taken[grouped.name] = grouped
-    shape = grouped.attr["value"].tensor.tensor_shape
-    del shape.dim[:]
-    for size in (dims[0], dims[1], 1, dims[2] * dims[3]):
-        shape.dim.add(size=size)
+    grouped = grouped_depthwise_filter(producer, taken)
     new_consts.append(grouped)
     return grouped.name, True
 

@@ -34,7 +34,7 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, t
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import StaticShapes, sole_reader
+from tf_bf16.transforms.patterns import StaticShapes, grouped_depthwise_filter, sole_reader
 
 CONV_OP = "TfBf16QuantizedConv2D"
 MATMUL_OP = "TfBf16QuantizedMatMul"
@@ -276,14 +276,7 @@ def _conv_attrs(node: node_def_pb2.NodeDef, filter_node: node_def_pb2.NodeDef,
         return node.input[FILTER]
     dims = [d.size for d in filter_node.attr["value"].tensor.tensor_shape.dim]
     attrs["groups"] = attr_value_pb2.AttrValue(i=int(dims[2]))
-    grouped = node_def_pb2.NodeDef()
-    grouped.CopyFrom(filter_node)
-    grouped.name = g.unique_name(taken, f"{filter_node.name}/grouped")
-    taken[grouped.name] = True
-    shape = grouped.attr["value"].tensor.tensor_shape
-    del shape.dim[:]
-    for size in (dims[0], dims[1], 1, dims[2] * dims[3]):
-        shape.dim.add(size=size)
+    grouped = grouped_depthwise_filter(filter_node, taken)
     new_nodes.append(grouped)
     return grouped.name
 

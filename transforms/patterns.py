@@ -46,6 +46,21 @@ class StaticShapes:
         return None if shape.rank is None else shape.as_list()
 
 
+def grouped_depthwise_filter(filter_node: node_def_pb2.NodeDef, taken: Dict[str, object]) -> node_def_pb2.NodeDef:
+    """A depthwise filter Const [kh, kw, C, m] as the grouped filter [kh, kw, 1, C*m] with C groups:
+    the same bytes (output channel c*m + j), under a fresh name recorded in ``taken``."""
+    dims = [d.size for d in filter_node.attr["value"].tensor.tensor_shape.dim]
+    grouped = node_def_pb2.NodeDef()
+    grouped.CopyFrom(filter_node)
+    grouped.name = g.unique_name(taken, f"{filter_node.name}/grouped")
+    taken[grouped.name] = grouped
+    shape = grouped.attr["value"].tensor.tensor_shape
+    del shape.dim[:]
+    for size in (dims[0], dims[1], 1, dims[2] * dims[3]):
+        shape.dim.add(size=size)
+    return grouped
+
+
 def is_const(spec: str, index: g.GraphIndex) -> bool:
     """Whether the tensor ``spec`` comes from a Const node."""
     producer = index.nodes.get(g.node_name(spec))
