@@ -23,7 +23,7 @@ batches=${BATCHES:-1,32}
 runs=${RUNS:-20}
 warmup=${WARMUP:-5}
 models=${MODELS:-resnet50,mobilenetv2,bert_base}
-variants=${VARIANTS:-fp32,fp32_cleaned,tf_amp,tf_amp_runtime,tf_bf16,inc}
+variants=${VARIANTS:-fp32,fp32_cleaned,tf_amp,tf_amp_runtime,tf_bf16,tf_bf16_int8,tf_bf16_int8_kernels,tf_bf16_kernels,inc,inc_int8}
 limit=${TIME_LIMIT:-420}
 
 stage=$(mktemp -d "${TMPDIR:-/tmp}/tf_bf16_bench.XXXXXX")
