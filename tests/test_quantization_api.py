@@ -411,4 +411,7 @@ def test_int8_fp32_with_kernels_runs_tf_bf16s_int8_ops(kernel_ops, fp32, calib_l
     assert ops["TfBf16QuantizedConv2D"] == 2 and ops["TfBf16QuantizedMatMul"] == 2
     assert not any(n.attr["T"].type == tf.bfloat16.as_datatype_enum for n in out.graph_def.node if "T" in n.attr)
     assert out.report["kernels"]["nodes"] == 4
+    assert out.report["op_types"]["TfBf16QuantizedConv2D"]["int8"] == 2          # reported as INT8, not FP32
+    assert not [n for n in out.report["fp32_nodes"] if n["op"].startswith("TfBf16")]
+    assert out.report["int8"]["quantize"] == 0 and out.report["int8"]["quantized_ops"] >= 4
     assert _accuracy(out, digits[1]) >= _accuracy(fp32, digits[1]) - 0.01

@@ -182,9 +182,10 @@ STATE_OPS: FrozenSet[str] = frozenset({
     "InitializeTableV2", "InitializeTableFromTextFileV2", "RestoreV2", "SaveV2",
 })
 
-# INT8 ops: QuantizeV2/Dequantize and every op whose name starts with a quantized prefix.
+# INT8 ops: QuantizeV2/Dequantize and every op whose name starts with a quantized prefix
+# (TensorFlow's, and tf_bf16's INT8 kernel ops TfBf16QuantizedConv2D/MatMul).
 QUANTIZE_OPS: FrozenSet[str] = frozenset({"QuantizeV2", "Dequantize"})
-QUANTIZED_OP_PREFIXES = ("Quantized", "_Quantized", "_FusedQuantized")
+QUANTIZED_OP_PREFIXES = ("Quantized", "_Quantized", "_FusedQuantized", "TfBf16Quantized")
 
 
 def is_int8_op(op: str) -> bool:
