@@ -295,6 +295,24 @@ def test_cli_quantize_writes_a_model_that_runs(tmp_path, digits):
     assert agree >= 0.95
 
 
+def test_cli_quantize_with_kernels_writes_a_model_on_int8_kernel_ops(kernel_ops, tmp_path, digits):
+    """--kernels: the saved graph holds tf_bf16's INT8 kernel ops and no QuantizeV2, and loads and runs
+    through tf_bf16.Model (which loads the kernel library)."""
+    conf, out = tmp_path / "conf.yaml", tmp_path / "digits_int8_kernels.pb"
+    conf.write_text("quantization:\n  calibration:\n    sampling_size: 64\n    dataloader:\n      batch_size: 32\n"
+                    "      dataset:\n        dummy: {shape: [64, 8, 8, 1], low: 0.0, high: 1.0}\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FORCE_BF16="1")
+    result = _run_cli("quantize", f"--input_model={EXAMPLE}", f"--output_model={out}", f"--config={conf}",
+                      "--kernels", env=env)
+    assert result.returncode == 0, result.stderr
+    written = Model(str(out))
+    ops = _ops(written.graph_def)
+    assert ops["TfBf16QuantizedConv2D"] == 2 and ops["QuantizeV2"] == 0
+    x_test = digits[1][0]
+    agree = np.mean(np.argmax(written.run([x_test])[0], -1) == np.argmax(Model(str(EXAMPLE)).run([x_test])[0], -1))
+    assert agree >= 0.95
+
+
 def test_cli_quantize_errors(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     out = tmp_path / "out.pb"

@@ -75,6 +75,23 @@ def test_bisection_finds_the_fewest_bf16_fallbacks_within_the_evaluation_bound(q
         assert set(trial["dtypes"]) == set(candidates)
 
 
+def test_tuning_with_kernels_bisects_over_the_int8_kernel_graphs(kernel_ops, quantized_digits, digits):
+    """kernels=True: every trial is converted with the kernel rewrite (INT8 kernel ops, BF16 fused ops),
+    the bisection still keeps the one least noisy INT8 op, and the result runs."""
+    model, cleaned, plan, _ = quantized_digits
+    result = pipeline.convert_cleaned(cleaned, plan, kernels=True)
+    int8_kernels = lambda m: sum(1 for n in m.graph_def.node if n.op.startswith("TfBf16Quantized"))  # noqa: E731
+    assert int8_kernels(model.with_graph_def(result.graph_def)) == 4
+    seen = []
+    spec = _spec(lambda m: seen.append(int8_kernels(m)) or (1.0 if int8_kernels(m) <= 1 else 0.0))
+    tuned = tuning.tune_quantized(spec, model, cleaned, plan, result, kernels=True)
+    assert tuned.report["goal_met"] and int8_kernels(tuned) == 1
+    assert seen[0] == 0 and seen[1] == 4             # the FP32 baseline, then the all-INT8 kernel graph
+    assert not _int8_ops(tuned)                      # no TensorFlow quantized contraction is left
+    _, (x_test, y_test) = digits
+    assert zoo.accuracy(tuned.run([x_test])[0], y_test) >= zoo.accuracy(model.run([x_test])[0], y_test) - 0.02
+
+
 def test_when_even_all_bf16_fails_the_bf16_to_fp32_search_takes_over(quantized_digits):
     model, cleaned, plan, result = quantized_digits
     fp32_matmuls = lambda m: sum(1 for n in m.graph_def.node                             # noqa: E731
