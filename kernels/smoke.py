@@ -2,8 +2,10 @@
 
 Loads ``PATH`` (e.g. bazel's ``bazel-bin/_bf16_ops.so``) from a temporary copy, so that it
 must find oneDNN through its own rpath rather than through files beside it (bazel's _solib
-links), and runs one TfBf16Conv2D and one TfBf16MatMul against tf.nn.conv2d and tf.matmul.
-Prints one line; exits 0 when both match, 1 otherwise. tests/test_kernels.py is the full test.
+links), and runs one TfBf16Conv2D and one TfBf16MatMul against tf.nn.conv2d and tf.matmul, and one
+TfBf16QuantizedMatMul against its FP32 reference.
+Prints one line; exits 0 when all match, 1 otherwise. tests/test_kernels.py and
+tests/test_quantized_kernels.py are the full tests.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def check(path: str) -> None:
         b = rng.standard_normal([24, 13]).astype(np.float32)
         _assert_close("TfBf16MatMul", ops.tf_bf16_mat_mul(a=a, b=b, args=[]), tf.matmul(a, b))
 
+        # INT8: a signed input on its 127-step grid times 63-level weights is exact in FP32.
+        q = rng.integers(-63, 64, size=[24, 13]).astype(np.int8)
+        top = float(np.abs(a).max())
+        on_grid = np.clip(np.round(a * 127 / top), -127, 127) * (top / 127)
+        actual = ops.tf_bf16_quantized_mat_mul(a=a, b=tf.bitcast(tf.constant(q), tf.qint8), args=[],
+                                               Tout=tf.float32, input_range=[-top, top], filter_scales=[0.01])
+        _assert_close("TfBf16QuantizedMatMul", actual, np.matmul(on_grid, q.astype(np.float32) * 0.01))
+
 
 def _assert_close(name: str, actual, expected) -> None:
     expected = np.asarray(expected)
@@ -60,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kernel library {argv[0]} FAILED: {type(exc).__name__}: "
               f"{' '.join(message[:3])}")
         return 1
-    print(f"kernel library {argv[0]}: TfBf16Conv2D and TfBf16MatMul match TensorFlow")
+    print(f"kernel library {argv[0]}: TfBf16Conv2D, TfBf16MatMul and TfBf16QuantizedMatMul match TensorFlow")
     return 0
 
 
