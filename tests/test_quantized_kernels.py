@@ -10,7 +10,7 @@ u8 x s8 pair sums would saturate with full-range weights (see CpuFeatures.int8_w
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -111,8 +111,8 @@ def test_conv_quantizes_a_float_input_and_writes_each_output_type(ops, signed, t
     expected = tf.nn.conv2d(grid(x, *input_range), wf, 1, "SAME").numpy() + bias
     if relu:
         expected = np.maximum(expected, 0)
-    out_range = (0.0, float(expected.max())) if relu else (-float(np.abs(expected).max()),) * 1 + \
-        (float(np.abs(expected).max()),)
+    top_out = float(np.abs(expected).max())
+    out_range = (0.0, top_out) if relu else (-top_out, top_out)
     fused = ["BiasAdd"] + (["Relu"] if relu else [])
     y = conv(ops, x, q, scales, [bias], tout, input_range, fused,
              output_range=out_range if tout in (tf.quint8, tf.qint8) else ())

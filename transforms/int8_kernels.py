@@ -65,6 +65,7 @@ RANGE_PASSING = {"QuantizeV2": 1, "QuantizedMaxPool": 1, "QuantizedAvgPool": 1, 
 class _Kernel:
     """What one translated node becomes."""
 
+    op: str
     name: str
     inputs: List[str]
     attrs: Dict[str, attr_value_pb2.AttrValue]
@@ -107,7 +108,7 @@ def int8_kernels(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gr
     nodes = [n for n in out.node if n.name not in removed]
     for kernel in kernels:
         device = index[kernel.replaced[0]].device
-        nodes.append(g.make_node(kernel.attrs.pop("_op").s.decode(), kernel.name, kernel.inputs, kernel.attrs,
+        nodes.append(g.make_node(kernel.op, kernel.name, kernel.inputs, kernel.attrs,
                                  device=device))
     for node in nodes + new_nodes:
         for i, spec in enumerate(node.input):
@@ -183,7 +184,6 @@ def _translate(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: froze
         return None
     source, source_type = _source(node.input[INPUT], input_type, index, protected)
     attrs: Dict[str, attr_value_pb2.AttrValue] = {
-        "_op": attr_value_pb2.AttrValue(s=kernel_op.encode()),
         "Tinput": attr_value_pb2.AttrValue(type=source_type),
         "input_range": _floats(_scaled_range(input_type, input_range)),
         "filter_scales": _floats(scales),
@@ -208,7 +208,7 @@ def _translate(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: froze
     else:
         for key in ("transpose_a", "transpose_b"):
             attrs[key] = attr_value_pb2.AttrValue(b=node.attr[key].b)
-    kernel = _Kernel(node.name, [source, filter_input] + args, attrs, [node.name])
+    kernel = _Kernel(kernel_op, node.name, [source, filter_input] + args, attrs, [node.name])
     if not _output(kernel, node, requantized, index, protected):
         return None
     controls = [s for s in node.input if s.startswith("^")]
