@@ -244,3 +244,20 @@ def test_shape_inference_keeps_unknown_batch(ops):
 
     out = f.get_concrete_function().structured_outputs
     assert out.shape.as_list() == [None, 4, 4, 6] and out.dtype == tf.bfloat16
+
+
+@pytest.mark.parametrize("groups", [8, 2])
+def test_signed_input_grouped_and_depthwise(ops, groups):
+    """A signed float input (UINT8 with zero point 128 inside) into depthwise and 2-group convolutions."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 9, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8 // groups, 8)).astype(np.float32)
+    q, scales, wf = quantize_weights(w, per_channel=True)
+    top = float(np.abs(x).max())
+    on_grid = grid(x, -top, top)
+    if groups == 8:
+        expected = tf.nn.depthwise_conv2d(on_grid, wf.reshape(3, 3, 8, 1), [1, 1, 1, 1], "SAME").numpy()
+    else:
+        expected = tf.nn.conv2d(on_grid, wf, 1, "SAME").numpy()
+    y = conv(ops, x, q, scales, [], tf.float32, (-top, top), [], groups=groups)
+    check(y.numpy(), expected, tf.float32)
