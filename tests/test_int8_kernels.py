@@ -128,6 +128,32 @@ def test_residual_sum_becomes_one_kernel_and_matches_tensorflows_int8():
     assert np.abs(actual - expected).max() / scale < 0.05
 
 
+def test_a_conv_reading_a_uint8_concat_takes_its_static_range():
+    """Inception-style: two ReLU branches concatenated in UINT8 feed a convolution. The concat's output
+    range is [0, max of its inputs' maxes], so that convolution becomes a kernel op too."""
+    keras.utils.set_random_seed(5)
+    layers = keras.layers
+    inputs = keras.Input((10, 10, 4))
+    left = layers.Conv2D(8, 1, activation="relu")(inputs)
+    right = layers.Conv2D(6, 3, padding="same", activation="relu")(inputs)
+    x = layers.Concatenate()([left, right])
+    x = layers.Conv2D(8, 3, activation="relu")(x)
+    keras_model = keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(x)))
+    zoo.make_trained_like(keras_model)
+    model = Model(keras_model)
+    rng = np.random.default_rng(1)
+    feeds = [rng.standard_normal((4, 10, 10, 4)).astype(np.float32) for _ in range(2)]
+    plain = _convert(model, feeds, kernels=False)
+    assert _ops(plain.graph_def)["QuantizedConcatV2"] == 1
+    fused = _convert(model, feeds, kernels=True)
+    ops = _ops(fused.graph_def)
+    assert ops[CONV_OP] == 3 and ops["QuantizedConcatV2"] == 1 and not set(TF_QUANTIZED) & set(ops)
+    x = rng.standard_normal((2, 10, 10, 4)).astype(np.float32)
+    expected = model.with_graph_def(plain.graph_def).run([x])[0]
+    actual = model.with_graph_def(fused.graph_def).run([x])[0]
+    np.testing.assert_allclose(actual, expected, atol=0.02 * np.abs(expected).max())
+
+
 def test_a_conv_whose_input_range_is_not_constant_keeps_tensorflows_op(digits):
     """Ranges are read from Consts only: a QuantizeV2 whose max is computed at run time leaves its
     reader as TensorFlow's quantized op, and the graph still runs."""

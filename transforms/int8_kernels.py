@@ -18,9 +18,9 @@ as min/max tensors beside every INT8 tensor. Where tf_bf16's kernel library is b
   type, then maybe a ReLU/ReLU6, takes those in too (the residual is added in FP32; the output
   is no longer clipped to the INT8 range, which only makes it closer to the float model).
 
-Ranges are followed through QuantizeV2, the quantized pools and reshape and the requantized
-ops to the Consts the INT8 stage wrote; a node whose ranges are not constant is left as it
-is. Run after cast folding, before ``fuse_kernels``; the graph then needs ``tf_bf16.kernels``.
+Ranges are followed through QuantizeV2, the quantized pools, reshape and UINT8 concat and the
+requantized ops to the Consts the INT8 stage wrote; a node whose ranges are not constant is left
+as it is. Run after cast folding, before ``fuse_kernels``; the graph then needs ``tf_bf16.kernels``.
 """
 
 from __future__ import annotations
@@ -134,10 +134,27 @@ def _scalar(spec: str, index: g.GraphIndex, depth: int = 0) -> Optional[float]:
         value = np.asarray(g.const_value(node), np.float64)
         return float(value) if value.size == 1 else None
     _, port, _ = g.parse_input(spec)
+    if node.op == "QuantizedConcatV2" and port in (1, 2):
+        return _concat_bound(node, port, index, depth)
     first = RANGE_PASSING.get(node.op)
     if first is None or port not in (1, 2):
         return None
     return _scalar(node.input[first + port - 1], index, depth + 1)
+
+
+def _concat_bound(node: node_def_pb2.NodeDef, port: int, index: g.GraphIndex, depth: int) -> Optional[float]:
+    """A UINT8 ``QuantizedConcatV2``'s output min (port 1) or max (port 2): TensorFlow requantizes the
+    inputs to [min(0, their mins), max(their maxes)] (measured). INT8 concats widen their range by
+    QuantizeV2's 128/127 asymmetry at run time, so they are left unresolved."""
+    if node.attr["T"].type != QUINT8:
+        return None
+    n = node.attr["N"].i
+    data = [s for s in node.input if not s.startswith("^")]
+    bounds = data[n + 1:2 * n + 1] if port == 1 else data[2 * n + 1:3 * n + 1]
+    values = [_scalar(b, index, depth + 1) for b in bounds]
+    if len(values) != n or any(v is None for v in values):
+        return None
+    return min([0.0] + values) if port == 1 else max(values)
 
 
 def _range(node: node_def_pb2.NodeDef, low: int, high: int, index: g.GraphIndex) -> Optional[List[float]]:
