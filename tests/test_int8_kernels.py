@@ -106,20 +106,25 @@ def _residual_model() -> keras.Model:
     return keras.Model(inputs, layers.Dense(5)(x))
 
 
-def test_residual_sum_becomes_one_kernel_and_matches_tensorflows_int8():
-    keras_model = _residual_model()
+def _both_ways(keras_model: keras.Model, seed: int):
+    """(model, a fresh input batch, the INT8 result without kernels, the one with them), calibrated on
+    two random batches of four."""
     zoo.make_trained_like(keras_model)
     model = Model(keras_model)
-    rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal((4, 12, 12, 8)).astype(np.float32) for _ in range(2)]
-    plain = _convert(model, feeds, kernels=False)
+    rng = np.random.default_rng(seed)
+    shape = tuple(keras_model.input_shape[1:])
+    feeds = [rng.standard_normal((4,) + shape).astype(np.float32) for _ in range(2)]
+    x = rng.standard_normal((3,) + shape).astype(np.float32)
+    return model, x, _convert(model, feeds, kernels=False), _convert(model, feeds, kernels=True)
+
+
+def test_residual_sum_becomes_one_kernel_and_matches_tensorflows_int8():
+    model, x, plain, fused = _both_ways(_residual_model(), seed=0)
     assert _ops(plain.graph_def)["QuantizedConv2DWithBiasSumAndReluAndRequantize"] == 1
-    fused = _convert(model, feeds, kernels=True)
     fused_ops = sorted(tuple(s.decode() for s in n.attr["fused_ops"].list.s) for n in fused.graph_def.node
                        if n.op == CONV_OP)
     assert ("BiasAdd", "Add", "Relu") in fused_ops
     assert not set(TF_QUANTIZED) & set(_ops(fused.graph_def))
-    x = rng.standard_normal((3, 12, 12, 8)).astype(np.float32)
     reference = model.run([x])[0]
     expected = model.with_graph_def(plain.graph_def).run([x])[0]
     actual = model.with_graph_def(fused.graph_def).run([x])[0]
@@ -139,16 +144,10 @@ def test_a_conv_reading_a_uint8_concat_takes_its_static_range():
     x = layers.Concatenate()([left, right])
     x = layers.Conv2D(8, 3, activation="relu")(x)
     keras_model = keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(x)))
-    zoo.make_trained_like(keras_model)
-    model = Model(keras_model)
-    rng = np.random.default_rng(1)
-    feeds = [rng.standard_normal((4, 10, 10, 4)).astype(np.float32) for _ in range(2)]
-    plain = _convert(model, feeds, kernels=False)
+    model, x, plain, fused = _both_ways(keras_model, seed=1)
     assert _ops(plain.graph_def)["QuantizedConcatV2"] == 1
-    fused = _convert(model, feeds, kernels=True)
     ops = _ops(fused.graph_def)
     assert ops[CONV_OP] == 3 and ops["QuantizedConcatV2"] == 1 and not set(TF_QUANTIZED) & set(ops)
-    x = rng.standard_normal((2, 10, 10, 4)).astype(np.float32)
     expected = model.with_graph_def(plain.graph_def).run([x])[0]
     actual = model.with_graph_def(fused.graph_def).run([x])[0]
     np.testing.assert_allclose(actual, expected, atol=0.02 * np.abs(expected).max())
