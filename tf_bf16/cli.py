@@ -155,10 +155,15 @@ def _define_convert_flags(fv: flags.FlagValues) -> None:
     _define_output_flags(fv)
     flags.DEFINE_list("precisions", ["bf16"], "Allowed precisions: bf16 (with fp32 fallback) or fp32.",
                       flag_values=fv)
+    _define_target_and_kernel_flags(fv, "Use tf_bf16's fused oneDNN kernel ops")
+
+
+def _define_target_and_kernel_flags(fv: flags.FlagValues, kernels_help: str) -> None:
+    """--target and --kernels, shared by convert and quantize."""
     flags.DEFINE_string("target", None, "Deployment CPU when it is not this one: spr, cpx or avx512_bf16.",
                         flag_values=fv)
-    flags.DEFINE_bool("kernels", False, "Use tf_bf16's fused oneDNN kernel ops (the output then needs "
-                      "'import tf_bf16.kernels' to run).", flag_values=fv)
+    flags.DEFINE_bool("kernels", False, f"{kernels_help} (the output then needs 'import tf_bf16.kernels' to run).",
+                      flag_values=fv)
 
 
 def _convert_main(fv: flags.FlagValues) -> int:
@@ -186,10 +191,8 @@ def _define_quantize_flags(fv: flags.FlagValues) -> None:
     _define_output_flags(fv)
     flags.DEFINE_list("precisions", None, "Allowed precisions: int8 plus bf16 and/or fp32 (default: from the "
                       "config; fp32 is always the fallback).", flag_values=fv)
-    flags.DEFINE_string("target", None, "Deployment CPU when it is not this one: spr, cpx or avx512_bf16.",
-                        flag_values=fv)
-    flags.DEFINE_bool("kernels", False, "Use tf_bf16's fused oneDNN kernel ops for the BF16 part (the output then "
-                      "needs 'import tf_bf16.kernels' to run).", flag_values=fv)
+    _define_target_and_kernel_flags(fv, "Use tf_bf16's oneDNN kernel ops: INT8 ones for the quantized "
+                                        "contractions, fused BF16 ones for the BF16 part")
 
 
 def _quantize_main(fv: flags.FlagValues) -> int:

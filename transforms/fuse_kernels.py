@@ -20,7 +20,7 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
 from tf_bf16.transforms.patterns import (BIAS_OPS, StaticShapes, activation_region, grouped_depthwise_filter,
-                                         is_const, keeps_last_dim, sole_reader)
+                                         is_const, keeps_last_dim, residual_partner, sole_reader)
 
 CONV_OP = "TfBf16Conv2D"
 MATMUL_OP = "TfBf16MatMul"
@@ -141,7 +141,7 @@ def _grow(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset,
         chain.args.append(bias)
         reader = _sole_reader(reader, index, protected)
     if reader is not None and reader.op in ADD_OPS and chain.reshape is None:
-        other = _residual_input(reader, chain, index, shapes)
+        other = residual_partner(reader, chain.nodes[-1].name, index, shapes, {n.name for n in chain.nodes})
         if other is not None:
             chain.nodes.append(reader)
             chain.fused_ops.append("Add")
@@ -176,23 +176,6 @@ def _bias_input(node: node_def_pb2.NodeDef, chain: _Chain, index: g.GraphIndex, 
     dims = [d.size for d in index.nodes[g.node_name(other)].attr["value"].tensor.tensor_shape.dim]
     produced = shapes.of(g.tensor_name(last))
     return other if produced and len(dims) == 1 and dims[0] == produced[-1] else None
-
-
-def _residual_input(add: node_def_pb2.NodeDef, chain: _Chain, index: g.GraphIndex,
-                    shapes: "StaticShapes") -> Optional[str]:
-    """The Add's other input when it is a same-shape residual (no broadcast, not a Const)."""
-    last = chain.nodes[-1].name
-    data = [s for s in add.input if not s.startswith("^")]
-    if len(data) != 2:
-        return None
-    mine = [i for i, s in enumerate(data) if g.node_name(s) == last]
-    if len(mine) != 1:
-        return None
-    other = data[1 - mine[0]]
-    if is_const(other, index) or g.node_name(other) in {n.name for n in chain.nodes}:
-        return None
-    ours, theirs = shapes.of(g.tensor_name(last)), shapes.of(g.canonical_tensor(other))
-    return other if ours is not None and ours == theirs else None
 
 
 def _kernel_nodes(chain: _Chain, weights: Tuple[str, bool], shapes: "StaticShapes") -> List[node_def_pb2.NodeDef]:

@@ -34,7 +34,7 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, t
 
 from tf_bf16.transforms import graph as g
 from tf_bf16.transforms.context import TransformContext
-from tf_bf16.transforms.patterns import StaticShapes, grouped_depthwise_filter, sole_reader
+from tf_bf16.transforms.patterns import StaticShapes, grouped_depthwise_filter, residual_partner, sole_reader
 
 CONV_OP = "TfBf16QuantizedConv2D"
 MATMUL_OP = "TfBf16QuantizedMatMul"
@@ -199,7 +199,7 @@ def _translate(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: froze
     scales = _filter_scales(node, index)
     if input_range is None or scales is None:
         return None
-    source, source_type = _source(node.input[INPUT], input_type, index, protected)
+    source, source_type = _source(node.input[INPUT], input_type, index)
     attrs: Dict[str, attr_value_pb2.AttrValue] = {
         "Tinput": attr_value_pb2.AttrValue(type=source_type),
         "input_range": _floats(_scaled_range(input_type, input_range)),
@@ -208,7 +208,7 @@ def _translate(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: froze
     }
     args, arg_types, fused = [node.input[BIAS]], [types_pb2.DT_FLOAT], ["BiasAdd"]
     if node.op == SUM_OP:
-        summand = _summand(node, index, protected, attrs)
+        summand = _summand(node, index, attrs)
         if summand is None:
             return None
         args.append(summand[0])
@@ -244,7 +244,7 @@ def _floats(values: List[float]) -> attr_value_pb2.AttrValue:
     return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(f=values))
 
 
-def _source(spec: str, dtype: int, index: g.GraphIndex, protected: frozenset) -> Tuple[str, int]:
+def _source(spec: str, dtype: int, index: g.GraphIndex) -> Tuple[str, int]:
     """The tensor the kernel reads for a quantized input: a QuantizeV2's float input (through a
     BF16->FP32 Cast, its BF16 input), else the quantized tensor itself."""
     producer = index.nodes.get(g.node_name(spec))
@@ -261,12 +261,11 @@ def _source(spec: str, dtype: int, index: g.GraphIndex, protected: frozenset) ->
     return floating, types_pb2.DT_FLOAT
 
 
-def _summand(node: node_def_pb2.NodeDef, index: g.GraphIndex, protected: frozenset,
-             attrs: Dict[str, attr_value_pb2.AttrValue]) -> Optional[Tuple[str, int]]:
+def _summand(node: node_def_pb2.NodeDef, index: g.GraphIndex, attrs: Dict[str, attr_value_pb2.AttrValue]) -> Optional[Tuple[str, int]]:
     """The residual input and its type: the float tensor behind a QuantizeV2, else the quantized
     summand with its range in ``attrs``."""
     dtype = _type_attr(node, ("Tsummand",))
-    source, source_type = _source(node.input[SUMMAND], dtype, index, protected)
+    source, source_type = _source(node.input[SUMMAND], dtype, index)
     if source_type in (QUINT8, QINT8):
         bounds = _range(node, MIN_SUMMAND, MAX_SUMMAND, index)
         if bounds is None:
@@ -304,7 +303,7 @@ def _output(kernel: _Kernel, node: node_def_pb2.NodeDef, requantized: bool, inde
     if not requantized:   # FP32 out (dequantization fused); BF16 when only a Cast to BF16 reads it
         readers = index.consumers(node.name)
         kernel.attrs["Tout"] = attr_value_pb2.AttrValue(type=types_pb2.DT_FLOAT)
-        if len(readers) == 1 and not index.control_consumers(node.name) and node.name not in protected:
+        if len(readers) == 1 and not index.control_consumers(node.name):
             cast = readers[0][0]
             if cast.op == "Cast" and cast.attr["DstT"].type == g.BFLOAT16 and cast.name not in protected and \
                     cast.device == node.device:
@@ -358,12 +357,8 @@ def _absorb_residual(kernel: _Kernel, index: g.GraphIndex, protected: frozenset,
     if add is None or add.op not in ADD_OPS or add.name in protected or add.name in claimed or \
             add.attr["T"].type != out_type or add.device != index[kernel.replaced[0]].device:
         return
-    data = [s for s in add.input if not s.startswith("^")]
-    if len(data) != 2 or [g.canonical_tensor(s) for s in data].count(g.tensor_name(kernel.name)) != 1:
-        return
-    other = data[1] if g.canonical_tensor(data[0]) == g.tensor_name(kernel.name) else data[0]
-    ours, theirs = shapes.of(g.tensor_name(kernel.name)), shapes.of(g.canonical_tensor(other))
-    if ours is None or ours != theirs:
+    other = residual_partner(add, kernel.name, index, shapes)
+    if other is None:
         return
     claimed.add(add.name)
     first_control = next((i for i, s in enumerate(kernel.inputs) if s.startswith("^")), len(kernel.inputs))

@@ -5,7 +5,7 @@ last dimension, and activations written out in several element-wise nodes (GELU,
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Collection, Dict, List, Optional, Sequence
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
@@ -59,6 +59,23 @@ def grouped_depthwise_filter(filter_node: node_def_pb2.NodeDef, taken: Dict[str,
     for size in (dims[0], dims[1], 1, dims[2] * dims[3]):
         shape.dim.add(size=size)
     return grouped
+
+
+def residual_partner(add: node_def_pb2.NodeDef, last: str, index: g.GraphIndex, shapes: StaticShapes,
+                     excluded: Collection[str] = ()) -> Optional[str]:
+    """The other input of a two-input add that reads node ``last`` once, when it is a residual a
+    fused kernel can take: the same static shape (no broadcast), not a Const, not in ``excluded``."""
+    data = [s for s in add.input if not s.startswith("^")]
+    if len(data) != 2:
+        return None
+    mine = [i for i, s in enumerate(data) if g.node_name(s) == last]
+    if len(mine) != 1:
+        return None
+    other = data[1 - mine[0]]
+    if is_const(other, index) or g.node_name(other) in excluded:
+        return None
+    ours, theirs = shapes.of(g.tensor_name(last)), shapes.of(g.canonical_tensor(other))
+    return other if ours is not None and ours == theirs else None
 
 
 def is_const(spec: str, index: g.GraphIndex) -> bool:
